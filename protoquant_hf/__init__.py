@@ -1,0 +1,1 @@
+"""protoquant_hf: ProtoQuant interpretable image classifiers for the Hugging Face ecosystem."""
