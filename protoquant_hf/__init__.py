@@ -1,1 +1,41 @@
-"""protoquant_hf: ProtoQuant interpretable image classifiers for the Hugging Face ecosystem."""
+"""protoquant_hf: ProtoQuant interpretable image classifiers for the Hugging Face ecosystem.
+
+`import protoquant_hf` registers the model with transformers' Auto classes, so
+``AutoModelForImageClassification.from_pretrained(folder_or_repo)`` and
+``pipeline("image-classification", model=folder_or_repo)`` work for ProtoQuant checkpoints.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
+
+from .configuration_protoquant import SUPPORTED_BACKBONE_FAMILIES, ProtoQuantConfig
+from .modeling_protoquant import (
+    ProtoQuantForImageClassification,
+    ProtoQuantImageClassifierOutput,
+    ProtoQuantModel,
+    ProtoQuantModelOutput,
+    ProtoQuantQuantizedOutput,
+    register_backbone_alias,
+    resolve_backbone,
+)
+
+__version__ = "0.1.0"
+
+AutoConfig.register(ProtoQuantConfig.model_type, ProtoQuantConfig, exist_ok=True)
+AutoModel.register(ProtoQuantConfig, ProtoQuantModel, exist_ok=True)
+AutoModelForImageClassification.register(ProtoQuantConfig, ProtoQuantForImageClassification, exist_ok=True)
+# save_pretrained / push_to_hub then export the config and modeling files as remote code.
+ProtoQuantConfig.register_for_auto_class("AutoConfig")
+ProtoQuantModel.register_for_auto_class("AutoModel")
+ProtoQuantForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+
+__all__ = [
+    "SUPPORTED_BACKBONE_FAMILIES",
+    "ProtoQuantConfig",
+    "ProtoQuantForImageClassification",
+    "ProtoQuantImageClassifierOutput",
+    "ProtoQuantModel",
+    "ProtoQuantModelOutput",
+    "ProtoQuantQuantizedOutput",
+    "register_backbone_alias",
+    "resolve_backbone",
+]

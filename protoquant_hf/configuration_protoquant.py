@@ -1,0 +1,161 @@
+"""ProtoQuant model configuration.
+
+Self-contained (torch + transformers only) so that a saved model folder carries it as Hub remote
+code. The method it configures is described in ProtoQuant (Janusz et al., arXiv 2602.06592).
+"""
+
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+from transformers.models.auto.modeling_auto import MODEL_FOR_BACKBONE_MAPPING_NAMES
+
+# How each supported backbone family yields its spatial feature map (see `backbone_kind`).
+# AutoBackbone families return NCHW `feature_maps`; `timm_backbone` needs timm, which we do not use.
+AUTOBACKBONE_FAMILIES = tuple(sorted(set(MODEL_FOR_BACKBONE_MAPPING_NAMES) - {"timm_backbone"}))
+# Token models outside AutoBackbone: prefix tokens (CLS, distillation, registers) are dropped and the
+# patch tokens reshaped to a grid.
+TOKEN_FAMILIES = ("vit", "deit", "clip_vision_model", "siglip_vision_model")
+# Convnets reachable only through `AutoModel`, whose `last_hidden_state` is already NCHW.
+CONVNET_FAMILIES = ("efficientnet", "mobilenet_v1", "mobilenet_v2", "regnet")
+SUPPORTED_BACKBONE_FAMILIES = AUTOBACKBONE_FAMILIES + TOKEN_FAMILIES + CONVNET_FAMILIES
+
+CONCEPT_INITS = ("kmeans", "samples", "orthogonal")
+
+# The bundled default backbone: EfficientNet-Lite0's architecture expressed as a transformers
+# EfficientNet config (Lite: ReLU6, no squeeze-excite, fixed 32/1280 stem/head widths).
+EFFICIENTNET_LITE0_KWARGS = {
+    "width_coefficient": 1.0,
+    "depth_coefficient": 1.0,
+    "image_size": 224,
+    "hidden_dim": 1280,
+    "hidden_act": "relu6",
+    "squeeze_expansion_ratio": 0.0,
+    "dropout_rate": 0.2,
+}
+
+
+def backbone_kind(model_type: str) -> str:
+    """Return ``"autobackbone"``, ``"tokens"`` or ``"convnet"`` for a backbone ``model_type``.
+
+    Raises:
+        ValueError: the family is not supported; the message lists every supported family.
+    """
+    if model_type in TOKEN_FAMILIES:
+        return "tokens"
+    if model_type in CONVNET_FAMILIES:
+        return "convnet"
+    if model_type in AUTOBACKBONE_FAMILIES:
+        return "autobackbone"
+    raise ValueError(
+        f"Backbone family {model_type!r} is not supported by ProtoQuant. Supported families: "
+        f"{', '.join(SUPPORTED_BACKBONE_FAMILIES)}. Vision-language checkpoints (clip, siglip) are "
+        "supported through their vision tower (`from_backbone` selects it automatically)."
+    )
+
+
+@strict
+class ProtoQuantConfig(PreTrainedConfig):
+    r"""Configuration of a ProtoQuant image classifier: a frozen vision backbone, a codebook of
+    `num_concepts` concept vectors in the backbone's feature space, and a non-negative
+    concept-to-class matrix.
+
+    Args:
+        backbone_config (`dict` or `PreTrainedConfig`, *optional*):
+            Config of the frozen vision backbone, any supported family (see
+            `SUPPORTED_BACKBONE_FAMILIES`). Defaults to EfficientNet-Lite0's architecture.
+        backbone_feature_layer (`int`, *optional*, defaults to -1):
+            Which backbone feature to use: a stage index for AutoBackbone families, a hidden-state
+            index for token models (-1 = the final, normalised tokens); convnets support -1 only.
+        num_concepts (`int`, *optional*, defaults to 256):
+            K, the number of concept vectors in the codebook.
+        temperature (`float`, *optional*, defaults to 0.1):
+            τ of the softmax over concepts at each location (method §3.5).
+        cosine_eps (`float`, *optional*, defaults to 1e-6):
+            ε added to both norms of the cosine similarity (method §3.4).
+        image_size (`int`, *optional*, defaults to 224):
+            Resolution the model is trained and served at (the saved image processor uses it).
+        stage1_head_num_labels (`int`, *optional*, defaults to 0):
+            Output size of the frozen original classifier head used by stage-1 codebook training:
+            the backbone checkpoint's own head, or a linear probe fitted on pooled features. 0 = no
+            head stored.
+        stage1_head_norm (`bool`, *optional*, defaults to `False`):
+            Whether that head applies a LayerNorm after pooling (ConvNeXt-style heads).
+        codebook_loss_weight (`float`, *optional*, defaults to 1.0):
+            Weight w of the stage-1 MSE codebook term, L = CE + w·MSE(code, stop_grad(feature)).
+        concept_init (`str`, *optional*, defaults to `"kmeans"`):
+            How training initialises the concepts: `"kmeans"` (spherical k-means on training feature
+            vectors), `"samples"` (random training feature vectors) or `"orthogonal"` (the official
+            code's default, kept for reproduction).
+        initializer_range (`float`, *optional*, defaults to 0.02):
+            Std of the normal init of the stage-1 head.
+        backbone_name (`str`, *optional*):
+            Provenance: the Hub id or alias the backbone was loaded from (`from_backbone` sets it).
+
+    Example:
+
+    ```python
+    >>> from transformers import AutoConfig
+    >>> from protoquant_hf import ProtoQuantConfig, ProtoQuantForImageClassification
+    >>> backbone = AutoConfig.for_model("resnet", hidden_sizes=[8, 16], depths=[1, 1], embedding_size=8)
+    >>> config = ProtoQuantConfig(backbone_config=backbone, num_concepts=32, id2label={0: "cat", 1: "dog"})
+    >>> model = ProtoQuantForImageClassification(config)
+    ```
+    """
+
+    model_type = "protoquant"
+    sub_configs_defaults = {
+        "backbone_config": SubConfigSpec(
+            config_class=AutoConfig, model_type="efficientnet", init_kwargs=EFFICIENTNET_LITE0_KWARGS
+        )
+    }
+    # The Trainer's evaluation loop must see only the logits (hf-integration.md §7.1).
+    keys_to_ignore_at_inference = ["concept_scores", "activation_maps", "similarity_maps"]
+
+    backbone_config: dict | PreTrainedConfig | None = None
+    backbone_feature_layer: int = -1
+    num_concepts: int = 256
+    temperature: float = 0.1
+    cosine_eps: float = 1e-6
+    image_size: int = 224
+    stage1_head_num_labels: int = 0
+    stage1_head_norm: bool = False
+    codebook_loss_weight: float = 1.0
+    concept_init: str = "kmeans"
+    initializer_range: float = 0.02
+    backbone_name: str | None = None
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        kind = backbone_kind(self.backbone_config.model_type)
+        if kind == "autobackbone":
+            # A single feature map: the configured stage.
+            self.backbone_config.out_indices = [self.backbone_feature_layer]
+            if hasattr(self.backbone_config, "reshape_hidden_states"):
+                self.backbone_config.reshape_hidden_states = True
+        elif kind == "convnet" and self.backbone_feature_layer != -1:
+            raise ValueError(
+                f"backbone_feature_layer={self.backbone_feature_layer} is not supported for "
+                f"{self.backbone_config.model_type!r} backbones: convnets reached through AutoModel "
+                "expose their last feature map only (use -1)."
+            )
+
+    def validate_concepts(self):
+        if self.num_concepts < 1:
+            raise ValueError(f"num_concepts must be >= 1, got {self.num_concepts}.")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}.")
+        if not self.cosine_eps > 0:
+            raise ValueError(f"cosine_eps must be > 0, got {self.cosine_eps}.")
+        if self.image_size < 1:
+            raise ValueError(f"image_size must be >= 1, got {self.image_size}.")
+        if self.stage1_head_num_labels < 0:
+            raise ValueError(f"stage1_head_num_labels must be >= 0, got {self.stage1_head_num_labels}.")
+        if self.codebook_loss_weight < 0:
+            raise ValueError(f"codebook_loss_weight must be >= 0, got {self.codebook_loss_weight}.")
+        if self.concept_init not in CONCEPT_INITS:
+            raise ValueError(f"concept_init must be one of {CONCEPT_INITS}, got {self.concept_init!r}.")
+
+
+__all__ = ["ProtoQuantConfig", "SUPPORTED_BACKBONE_FAMILIES", "backbone_kind"]

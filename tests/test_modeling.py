@@ -1,0 +1,366 @@
+"""Core model: shapes per backbone family, the head math, freezing, save/load, remote code, pipeline."""
+
+import json
+import math
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tiny_backbones import TINY_BACKBONES, tiny_backbone_config
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForImageClassification,
+    BertConfig,
+    BertModel,
+    BitImageProcessor,
+    ResNetForImageClassification,
+    ViTModel,
+    pipeline,
+)
+
+import protoquant_hf
+from protoquant_hf import ProtoQuantConfig, ProtoQuantForImageClassification
+
+LABELS = {0: "cat", 1: "dog", 2: "bird"}
+
+
+def tiny_model(model_type: str = "resnet", num_concepts: int = 6, **kwargs) -> tuple[ProtoQuantForImageClassification, int]:
+    backbone_config, size = tiny_backbone_config(model_type)
+    config = ProtoQuantConfig(
+        backbone_config=backbone_config, num_concepts=num_concepts, image_size=size, id2label=LABELS, **kwargs
+    )
+    torch.manual_seed(0)
+    return ProtoQuantForImageClassification(config).eval(), size
+
+
+def tiny_processor(size: int) -> BitImageProcessor:
+    return BitImageProcessor(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    )
+
+
+@pytest.mark.parametrize("model_type", sorted(TINY_BACKBONES))
+def test_forward_shapes_every_family(model_type):
+    model, size = tiny_model(model_type)
+    pixels = torch.randn(2, 3, size, size)
+    out = model(pixels, labels=torch.tensor([0, 2]), output_activation_maps=True, output_similarity_maps=True)
+    features = model.forward_features(pixels)
+    batch, hidden, height, width = features.shape
+    assert (batch, hidden) == (2, model.protoquant.hidden_size) and height > 0 and width > 0
+    assert out.logits.shape == (2, 3)
+    assert out.concept_scores.shape == (2, 6)
+    assert out.activation_maps.shape == (2, 6, height, width)
+    assert out.similarity_maps.shape == (2, 6, height, width)
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+    torch.testing.assert_close(out.activation_maps.sum(dim=1), torch.ones(2, height, width))
+
+
+def test_maps_only_when_asked():
+    model, size = tiny_model()
+    out = model(torch.randn(1, 3, size, size))
+    assert out.activation_maps is None and out.similarity_maps is None
+    assert list(out.keys()) == ["logits", "concept_scores"]
+
+
+def test_token_models_drop_every_prefix_token():
+    # DeiT has CLS + distillation tokens; registers add more. The grid must hold patch tokens only.
+    for model_type, prefix in [("deit", 2), ("vit", 1), ("siglip_vision_model", 0)]:
+        model, size = tiny_model(model_type)
+        pixels = torch.randn(1, 3, size, size)
+        tokens = model.protoquant.backbone(pixels).last_hidden_state
+        features = model.forward_features(pixels)
+        grid = size // 8
+        assert tokens.shape[1] == prefix + grid * grid
+        torch.testing.assert_close(features.flatten(2).transpose(1, 2), tokens[:, prefix:])
+
+
+def test_token_model_non_native_size_interpolates_position_embeddings():
+    model, size = tiny_model("vit")
+    features = model.forward_features(torch.randn(1, 3, 48, 40))
+    assert features.shape[-2:] == (6, 5)
+
+
+def test_head_math_matches_hand_computation():
+    model, _ = tiny_model(num_concepts=2)
+    # D = 16 channels; use two directions only so the cosines are easy to do by hand.
+    concepts = torch.zeros(2, 16)
+    concepts[0, 0] = 2.0  # direction e0
+    concepts[1, 1] = 1.0  # direction e1
+    weight = torch.tensor([[1.5, -0.7], [0.0, 2.0], [0.5, 0.5]])  # negative entry must act as 0
+    model.codebook.concepts.data.copy_(concepts)
+    model.classifier.weight.data.copy_(weight)
+    features = torch.zeros(1, 16, 1, 2)
+    features[0, 0, 0, 0], features[0, 1, 0, 0] = 3.0, 4.0  # location A = (3, 4): cos = 0.6, 0.8
+    features[0, 1, 0, 1] = 5.0  # location B = (0, 5): cos = 0, 1
+    out = model.classify_features(features, output_activation_maps=True, output_similarity_maps=True)
+
+    eps, tau = 1e-6, 0.1
+    cos_a = [3 * 2 / ((5 + eps) * (2 + eps)), 4 * 1 / ((5 + eps) * (1 + eps))]
+    cos_b = [0.0, 5 * 1 / ((5 + eps) * (1 + eps))]
+    p_a = [math.exp(c / tau) / sum(math.exp(x / tau) for x in cos_a) for c in cos_a]
+    p_b = [math.exp(c / tau) / sum(math.exp(x / tau) for x in cos_b) for c in cos_b]
+    scores = [max(p_a[0], p_b[0]), max(p_a[1], p_b[1])]
+    relu_w = [[1.5, 0.0], [0.0, 2.0], [0.5, 0.5]]
+    logits = [sum(w * s for w, s in zip(row, scores)) for row in relu_w]
+
+    torch.testing.assert_close(out.similarity_maps[0, :, 0, 0], torch.tensor(cos_a))
+    torch.testing.assert_close(out.similarity_maps[0, :, 0, 1], torch.tensor(cos_b))
+    torch.testing.assert_close(out.activation_maps[0, :, 0, 0], torch.tensor(p_a))
+    torch.testing.assert_close(out.concept_scores[0], torch.tensor(scores))
+    torch.testing.assert_close(out.logits[0], torch.tensor(logits))
+
+
+def test_init_weights_follow_the_method():
+    model, _ = tiny_model(num_concepts=64)
+    weight = model.classifier.weight
+    assert abs(weight.mean().item() - 1.0) < 0.05 and abs(weight.std().item() - 0.1) < 0.03
+    assert not model.codebook.concepts.requires_grad  # concepts frozen by default
+
+
+def test_gradients_reach_only_head_and_backbone_statistics_stay():
+    model, size = tiny_model("resnet")
+    model.train()
+    assert not model.protoquant.backbone.training  # backbone stays in eval under model.train()
+    bn_stats = {k: v.clone() for k, v in model.protoquant.backbone.state_dict().items() if "running" in k}
+    assert bn_stats
+    model.codebook.concepts.requires_grad_(True)  # stage-2 option: fine-tune concepts too
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"protoquant.codebook.concepts", "classifier.weight"}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    out = model(torch.randn(4, 3, size, size), labels=torch.tensor([0, 1, 2, 0]))
+    out.loss.backward()
+    optimizer.step()
+    for name, param in model.named_parameters():
+        assert (param.grad is not None) == (name in trainable), name
+    for key, value in model.protoquant.backbone.state_dict().items():
+        if "running" in key:
+            torch.testing.assert_close(value, bn_stats[key], rtol=0, atol=0)
+
+
+def test_forward_quantized_stage1():
+    model, size = tiny_model("resnet", num_concepts=5)
+    model.set_stage1_head(torch.nn.Linear(16, 4))
+    model.codebook.concepts.requires_grad_(True)
+    features = torch.relu(torch.randn(2, 16, 2, 2))
+    out = model.forward_quantized(features, labels=torch.tensor([0, 3]))
+    expected = model.codebook.nearest(features)
+    assert torch.equal(out.concept_indices, expected)
+    quantized = model.codebook.concepts.detach()[expected].permute(0, 3, 1, 2)
+    torch.testing.assert_close(out.codebook_loss, torch.nn.functional.mse_loss(quantized, features))
+    out.loss.backward()
+    grad_rows = model.codebook.concepts.grad.abs().sum(dim=1) > 0
+    used = torch.zeros(5, dtype=torch.bool)
+    used[expected.flatten()] = True
+    assert torch.equal(grad_rows, used)  # only selected concepts learn
+    assert model.original_head.classifier.weight.grad is None  # the original head stays frozen
+
+
+def test_prune_concepts_shrinks_codebook_and_weights_consistently():
+    model, size = tiny_model(num_concepts=6)
+    keep = torch.tensor([0, 2, 5])
+    concepts = model.codebook.concepts.detach().clone()
+    weight = model.classifier.weight.detach().clone()
+    model.prune_concepts(keep)
+    assert model.config.num_concepts == 3
+    torch.testing.assert_close(model.codebook.concepts, concepts[keep])
+    torch.testing.assert_close(model.classifier.weight, weight[:, keep])
+    assert model(torch.randn(1, 3, size, size)).concept_scores.shape == (1, 3)
+    with pytest.raises(ValueError, match="every concept"):
+        model.prune_concepts(torch.zeros(3, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("model_type", ["resnet", "dinov2", "efficientnet"])
+def test_save_load_exact_logits(tmp_path, model_type):
+    model, size = tiny_model(model_type)
+    pixels = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        expected = model(pixels).logits
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists() and not list(tmp_path.glob("*.bin"))
+    for loader in (ProtoQuantForImageClassification, AutoModelForImageClassification):
+        loaded = loader.from_pretrained(tmp_path).eval()
+        with torch.no_grad():
+            assert torch.equal(loaded(pixels).logits, expected)
+    base = AutoModel.from_pretrained(tmp_path)
+    assert type(base).__name__ == "ProtoQuantModel"
+
+
+def test_save_load_keeps_pruned_k_and_stage1_head(tmp_path):
+    model, size = tiny_model(num_concepts=6)
+    model.set_stage1_head(torch.nn.Linear(16, 7))
+    model.prune_concepts(torch.tensor([1, 3]))
+    model.save_pretrained(tmp_path)
+    loaded = ProtoQuantForImageClassification.from_pretrained(tmp_path)
+    assert loaded.config.num_concepts == 2 and loaded.config.stage1_head_num_labels == 7
+    torch.testing.assert_close(loaded.original_head.classifier.weight, model.original_head.classifier.weight)
+
+
+def test_from_pretrained_rejects_config_weight_mismatch(tmp_path):
+    model, _ = tiny_model(num_concepts=6)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["num_concepts"] = 9
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="do not match its config.json"):
+        ProtoQuantForImageClassification.from_pretrained(tmp_path)
+
+
+def save_pipeline_folder(tmp_path, model_type="resnet"):
+    model, size = tiny_model(model_type)
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    tiny_processor(size).save_pretrained(folder)
+    return model, size, folder
+
+
+def test_saved_folder_is_remote_code_bundle(tmp_path):
+    _, _, folder = save_pipeline_folder(tmp_path)
+    files = {p.name for p in folder.iterdir()}
+    assert {"configuration_protoquant.py", "modeling_protoquant.py", "config.json"} <= files
+    auto_map = json.loads((folder / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoModelForImageClassification"] == "modeling_protoquant.ProtoQuantForImageClassification"
+
+
+def test_pipeline_returns_labels_from_id2label(tmp_path):
+    model, size, folder = save_pipeline_folder(tmp_path)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8))
+    results = pipeline("image-classification", model=str(folder))(image)
+    assert {r["label"] for r in results} == set(LABELS.values())
+    processor = tiny_processor(size)
+    with torch.no_grad():
+        probs = model(**processor(images=image, return_tensors="pt")).logits.softmax(-1)[0]
+    assert results[0]["label"] == LABELS[int(probs.argmax())]
+    assert results[0]["score"] == pytest.approx(float(probs.max()), abs=1e-5)
+
+
+def test_fresh_process_remote_code_load_without_package(tmp_path):
+    model, size, folder = save_pipeline_folder(tmp_path, "vit")
+    pixels = torch.randn(1, 3, size, size)
+    torch.save(pixels, tmp_path / "pixels.pt")
+    with torch.no_grad():
+        expected = model(pixels).logits
+    torch.save(expected, tmp_path / "expected.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys, importlib.abc
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "protoquant_hf":
+                    raise ImportError("protoquant_hf is hidden in this test")
+        sys.meta_path.insert(0, Block())
+        import torch
+        from PIL import Image
+        from transformers import AutoModelForImageClassification, pipeline
+        try:
+            import protoquant_hf
+            raise SystemExit("package visible")
+        except ImportError:
+            pass
+        model = AutoModelForImageClassification.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        pixels = torch.load({str(tmp_path / "pixels.pt")!r}, weights_only=True)
+        expected = torch.load({str(tmp_path / "expected.pt")!r}, weights_only=True)
+        with torch.no_grad():
+            assert torch.equal(model(pixels).logits, expected)
+        pipe = pipeline("image-classification", model={str(folder)!r}, trust_remote_code=True)
+        out = pipe(Image.new("RGB", (40, 40), (120, 30, 200)))
+        assert {{r["label"] for r in out}} == {set(LABELS.values())!r}, out
+        print("REMOTE-OK")
+        """
+    )
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PATH": "/usr/bin:/bin"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert "REMOTE-OK" in result.stdout, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize(
+    "pixels, match",
+    [
+        (torch.randn(3, 32, 32), "shape"),
+        (torch.randn(1, 1, 32, 32), "shape"),
+        (np.zeros((1, 3, 32, 32), dtype=np.float32), "shape"),
+    ],
+)
+def test_bad_pixel_values_name_the_expected_shape(pixels, match):
+    model, _ = tiny_model()
+    with pytest.raises(ValueError, match=r"\(batch_size, 3, height, width\)"):
+        model(pixels)
+
+
+def test_bad_pixel_size_for_token_model():
+    model, _ = tiny_model("vit")
+    with pytest.raises(ValueError, match="multiples of the patch size 8"):
+        model(torch.randn(1, 3, 30, 32))
+
+
+def test_labels_out_of_range():
+    model, size = tiny_model()
+    with pytest.raises(ValueError, match=r"\[0, 2\]"):
+        model(torch.randn(2, 3, size, size), labels=torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match="integer"):
+        model(torch.randn(2, 3, size, size), labels=torch.tensor([0.0, 1.0]))
+
+
+def test_config_validation_messages():
+    with pytest.raises(Exception, match="num_concepts must be >= 1"):
+        ProtoQuantConfig(num_concepts=0)
+    with pytest.raises(Exception, match="temperature must be > 0"):
+        ProtoQuantConfig(temperature=0.0)
+    with pytest.raises(ValueError, match="Supported families: .*resnet.*vit"):
+        ProtoQuantConfig(backbone_config=BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2))
+    with pytest.raises(ValueError, match="use -1"):
+        ProtoQuantConfig(backbone_feature_layer=2)
+
+
+def test_from_backbone_local_classification_checkpoint_keeps_head(tmp_path):
+    backbone_config, size = tiny_backbone_config("resnet")
+    backbone_config.num_labels = 5
+    torch.manual_seed(1)
+    source = ResNetForImageClassification(backbone_config).eval()
+    source.save_pretrained(tmp_path / "resnet")
+    model = ProtoQuantForImageClassification.from_backbone(str(tmp_path / "resnet"), num_concepts=4, id2label=LABELS)
+    assert model.config.stage1_head_num_labels == 5 and model.config.backbone_name == str(tmp_path / "resnet")
+    pixels = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        # Backbone weights are the pretrained ones, and the kept head reproduces the checkpoint's logits.
+        features = model.forward_features(pixels)
+        torch.testing.assert_close(features, source.resnet(pixels).last_hidden_state)
+        torch.testing.assert_close(model.original_head(features), source(pixels).logits)
+
+
+def test_from_backbone_local_autobackbone_and_token_folders(tmp_path):
+    for model_type, loader in [("dinov2", AutoModel), ("vit", ViTModel)]:
+        backbone_config, size = tiny_backbone_config(model_type)
+        source = loader.from_config(backbone_config) if loader is AutoModel else loader(backbone_config)
+        source.save_pretrained(tmp_path / model_type)
+        model = ProtoQuantForImageClassification.from_backbone(str(tmp_path / model_type), num_concepts=4, id2label=LABELS)
+        assert model.config.stage1_head_num_labels == 0
+        source_state = source.state_dict()
+        for key, value in model.protoquant.backbone.state_dict().items():
+            if key in source_state:
+                torch.testing.assert_close(value, source_state[key])
+        assert model(torch.randn(1, 3, size, size)).logits.shape == (1, 3)
+
+
+def test_from_backbone_rejects_non_vision_model(tmp_path):
+    BertModel(BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)).save_pretrained(
+        tmp_path / "bert"
+    )
+    with pytest.raises(ValueError, match="'bert' is not supported"):
+        ProtoQuantForImageClassification.from_backbone(str(tmp_path / "bert"), num_concepts=4, id2label=LABELS)
+
+
+def test_aliases_resolve_through_registry(tmp_path):
+    backbone_config, _ = tiny_backbone_config("resnet")
+    AutoModel.from_config(backbone_config).save_pretrained(tmp_path / "r")
+    protoquant_hf.register_backbone_alias("test/tiny-resnet", lambda name: str(tmp_path / "r"))
+    model = ProtoQuantForImageClassification.from_backbone("test/tiny-resnet", num_concepts=3, id2label=LABELS)
+    assert model.config.backbone_name == "test/tiny-resnet"
+    assert AutoConfig.from_pretrained(protoquant_hf.resolve_backbone("test/tiny-resnet")).model_type == "resnet"
