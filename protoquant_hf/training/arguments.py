@@ -1,0 +1,139 @@
+"""Arguments of the two-stage training job, as dataclasses for `transformers.HfArgumentParser`
+(in the style of transformers' example scripts). Every field's help text is its `--help` line."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..configuration_protoquant import CONCEPT_INITS
+
+
+@dataclass
+class DataArguments:
+    dataset: str = field(
+        default="animal-mnist",
+        metadata={
+            "help": "Bundled offline set (animal-mnist, fashion-mnist, digits), a local image folder "
+            "(class sub-folders), or a Hub dataset id."
+        },
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    image_column: str = field(default="image", metadata={"help": "Column holding the images."})
+    label_column: str = field(default="label", metadata={"help": "Column holding the class labels."})
+    image_size: int = field(default=128, metadata={"help": "Square input resolution fed to the backbone (pixels)."})
+    max_samples_per_split: int | None = field(
+        default=None, metadata={"help": "Use a stratified subset of at most this many images per split (quick runs)."}
+    )
+    bad_images: str = field(
+        default="error",
+        metadata={"help": "What to do with unreadable or too-small images: 'error' or 'skip' (counted and reported)."},
+    )
+    feature_dtype: str = field(
+        default="float16", metadata={"help": "Storage dtype of the feature cache: float16 (half the disk) or float32."}
+    )
+    cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Where feature caches live (default: $PROTOQUANT_CACHE or $HF_HOME/protoquant/features)."},
+    )
+
+
+@dataclass
+class ModelArguments:
+    backbone: str = field(
+        default="protoquant/efficientnet-lite0",
+        metadata={
+            "help": "Frozen backbone: a Hub id, a local folder, or a bundled offline name "
+            "(protoquant/efficientnet-lite0, protoquant/efficientnet-lite2)."
+        },
+    )
+    num_concepts: int = field(default=256, metadata={"help": "K, the number of concepts in the codebook."})
+    temperature: float = field(default=0.1, metadata={"help": "τ of the softmax over concepts at each location."})
+    backbone_feature_layer: int = field(
+        default=-1, metadata={"help": "Which backbone feature map to use (-1 = the last stage)."}
+    )
+
+    def __post_init__(self):
+        if self.num_concepts < 1:
+            raise ValueError(f"--num_concepts must be >= 1, got {self.num_concepts}.")
+        if not self.temperature > 0:
+            raise ValueError(f"--temperature must be > 0, got {self.temperature}.")
+
+
+@dataclass
+class ProtoQuantTrainingArguments:
+    output_dir: str = field(default="outputs/protoquant", metadata={"help": "Folder for the trained model and summaries."})
+    overwrite: bool = field(
+        default=False, metadata={"help": "Replace an existing output folder (refused without this flag)."}
+    )
+    resume: bool = field(
+        default=False, metadata={"help": "Continue an interrupted run of the same output_dir from its last checkpoint."}
+    )
+    seed: int = field(default=42, metadata={"help": "Seed for sampling, k-means, shuffling and mixing."})
+    batch_size: int = field(default=256, metadata={"help": "Batch size (per process) of both training stages."})
+    extraction_batch_size: int = field(default=64, metadata={"help": "Images per backbone forward pass."})
+    mixed_precision: str = field(default="no", metadata={"help": "Accelerate mixed precision: no, bf16 or fp16."})
+    # Stage 1: the codebook.
+    concept_init: str = field(
+        default="kmeans",
+        metadata={
+            "help": f"Concept initialisation, one of {', '.join(CONCEPT_INITS)}. kmeans (spherical, on "
+            "training feature vectors) keeps concepts alive; orthogonal is the official code's default."
+        },
+    )
+    kmeans_max_vectors: int = field(
+        default=50000, metadata={"help": "At most this many feature vectors are sampled for k-means (bounds its cost)."}
+    )
+    kmeans_iterations: int = field(default=20, metadata={"help": "Lloyd iterations of spherical k-means."})
+    stage1_epochs: int = field(default=3, metadata={"help": "Epochs of stage-1 codebook training (0 = init only)."})
+    stage1_lr: float = field(default=5e-4, metadata={"help": "Adam learning rate of the concepts in stage 1."})
+    codebook_loss_weight: float = field(default=1.0, metadata={"help": "w in L = CE + w·MSE(code, stop_grad(feature))."})
+    drop_dead_concepts: bool = field(
+        default=True, metadata={"help": "After stage 1, remove concepts no training location selects."}
+    )
+    prune_to: int | None = field(
+        default=None, metadata={"help": "Usage-based pruning of the codebook to this many concepts after stage 1."}
+    )
+    prune_steps: int = field(default=4, metadata={"help": "Rounds of usage-based pruning (usage recounted each round)."})
+    # Stage 2: the interpretable head.
+    stage2_epochs: int = field(default=30, metadata={"help": "Epochs of stage-2 head training."})
+    stage2_lr: float = field(
+        default=0.1,
+        metadata={
+            "help": "Adam learning rate of the concept→class weights. Large on purpose: with τ = 0.1 and "
+            "hundreds of concepts the presence scores are nearly flat."
+        },
+    )
+    l1_lambda: float = field(default=1e-4, metadata={"help": "λ of the sparsity term λ·ΣReLU(W)."})
+    train_concepts: bool = field(
+        default=False,
+        metadata={"help": "Also fine-tune the concepts in stage 2 (official code default; destroys grounding)."},
+    )
+    concept_lr: float = field(default=1e-4, metadata={"help": "Learning rate of the concepts when --train_concepts."})
+    mixup: bool = field(
+        default=False, metadata={"help": "Mixup/CutMix (α 0.8/1.0, label smoothing 0.1) on the feature maps in stage 2."}
+    )
+    top_k_per_class: int | None = field(
+        default=None,
+        metadata={
+            "help": "Post-training sparsification: keep the k strongest concepts per class, drop unused "
+            "concepts, retrain the head."
+        },
+    )
+    sparsify_epochs: int = field(default=20, metadata={"help": "Head retraining epochs after top-k sparsification."})
+    warmup_ratio: float = field(default=0.05, metadata={"help": "Linear warm-up share of each stage's steps (cosine decay after)."})
+
+    def __post_init__(self):
+        if self.l1_lambda < 0:
+            raise ValueError(f"--l1_lambda must be >= 0, got {self.l1_lambda}.")
+        if self.concept_init not in CONCEPT_INITS:
+            raise ValueError(f"--concept_init must be one of {', '.join(CONCEPT_INITS)}, got {self.concept_init!r}.")
+        if self.overwrite and self.resume:
+            raise ValueError("--overwrite and --resume contradict each other; pass one of them.")
+        for name in ("stage1_epochs", "stage2_epochs", "sparsify_epochs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}.")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch_size must be >= 1, got {self.batch_size}.")
+
+
+__all__ = ["DataArguments", "ModelArguments", "ProtoQuantTrainingArguments"]

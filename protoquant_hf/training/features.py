@@ -1,0 +1,232 @@
+"""On-disk cache of frozen-backbone feature maps.
+
+The backbone never changes during ProtoQuant training, so its feature maps are computed once and
+every epoch of both stages reads them back (method §4: "caching is legitimate because the backbone
+is frozen"). A cache is a folder holding ``features.npy`` (N, D, H, W; float16 or float32),
+``labels.npy`` (N,) and ``meta.json``. Its name is a hash of everything that determines the
+features: the backbone weights and config, the feature layer, the preprocessing, the dataset
+fingerprint and split, and the storage dtype, so a stale cache can never be read for new inputs.
+Reads go through a memory map, so training streams from disk instead of holding the cache in RAM.
+Extraction is sharded across Accelerate processes; each writes its own rows of one file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from datasets import Dataset
+from numpy.lib.format import open_memmap
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..cache import cache_root
+from ..data import collate_fn
+
+CACHE_FORMAT_VERSION = 1
+STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+def backbone_fingerprint(model) -> str:
+    """Hash of the frozen backbone's weights, its config and the feature layer used."""
+    digest = hashlib.sha256()
+    protoquant = model.protoquant
+    digest.update(protoquant.config.backbone_config.to_json_string(use_diff=False).encode())
+    digest.update(str(protoquant.config.backbone_feature_layer).encode())
+    for name, tensor in sorted(protoquant.backbone.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def cache_key(model, image_processor, dataset: Dataset, split: str, dtype: str) -> str:
+    """Everything that determines the cached features, hashed into a folder name."""
+    parts = {
+        "version": CACHE_FORMAT_VERSION,
+        "backbone": backbone_fingerprint(model),
+        "preprocessing": image_processor.to_dict(),
+        "dataset": dataset._fingerprint,
+        "num_rows": len(dataset),
+        "split": split,
+        "dtype": dtype,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+@dataclass
+class FeatureCache:
+    """Read access to one cached split: memory-mapped feature maps and their labels."""
+
+    path: Path
+    features: np.ndarray  # (N, D, H, W), memory-mapped
+    labels: np.ndarray  # (N,)
+    meta: dict
+
+    @classmethod
+    def open(cls, path: str | Path) -> "FeatureCache":
+        path = Path(path)
+        meta = json.loads((path / "meta.json").read_text())
+        if meta.get("version") != CACHE_FORMAT_VERSION:
+            raise ValueError(f"{path} is a feature cache of format {meta.get('version')}, expected {CACHE_FORMAT_VERSION}.")
+        features = np.load(path / "features.npy", mmap_mode="r")
+        labels = np.load(path / "labels.npy")
+        return cls(path=path, features=features, labels=labels, meta=meta)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.features.shape[1]
+
+    def batches(self, batch_size: int, indices: np.ndarray | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield (feature maps float32 (B, D, H, W), labels (B,)) in the given row order."""
+        order = np.arange(len(self)) if indices is None else indices
+        for start in range(0, len(order), batch_size):
+            rows = np.sort(order[start : start + batch_size])  # sorted reads are sequential on disk
+            yield torch.from_numpy(np.asarray(self.features[rows], dtype=np.float32)), torch.from_numpy(self.labels[rows])
+
+    def torch_dataset(self) -> "CachedFeatureDataset":
+        return CachedFeatureDataset(self)
+
+    def pooled(self, batch_size: int = 1024) -> torch.Tensor:
+        """Global-average-pooled features (N, D), the input of a linear probe."""
+        return torch.cat([features.mean(dim=(2, 3)) for features, _ in self.batches(batch_size)])
+
+    def feature_vectors(self, max_vectors: int | None = None, seed: int = 0, batch_size: int = 512) -> torch.Tensor:
+        """Individual non-zero location vectors (n, D): all of them, or a seeded sample of at most
+        `max_vectors` (memory stays bounded by the sample, not the cache)."""
+        num_images, hidden_size, height, width = self.features.shape
+        total = num_images * height * width
+        keep = None
+        if max_vectors is not None and total > max_vectors:
+            keep = np.zeros(total, dtype=bool)
+            keep[np.random.default_rng(seed).choice(total, size=max_vectors, replace=False)] = True
+        chunks, offset = [], 0
+        for features, _ in self.batches(batch_size):
+            vectors = features.flatten(2).transpose(1, 2).reshape(-1, hidden_size)
+            if keep is not None:
+                vectors = vectors[torch.from_numpy(keep[offset : offset + len(vectors)])]
+            offset += features.shape[0] * height * width
+            chunks.append(vectors[vectors.norm(dim=1) > 0])
+        return torch.cat(chunks)
+
+
+class CachedFeatureDataset(torch.utils.data.Dataset):
+    """A FeatureCache as a map-style dataset of {"feature_maps", "labels"} items."""
+
+    def __init__(self, cache: FeatureCache):
+        self.cache = cache
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {
+            "feature_maps": torch.from_numpy(np.asarray(self.cache.features[index], dtype=np.float32)),
+            "labels": torch.tensor(int(self.cache.labels[index])),
+        }
+
+
+def extract_features(
+    model,
+    dataset: Dataset,
+    image_processor,
+    transform: Callable,
+    *,
+    split: str,
+    accelerator: Accelerator | None = None,
+    dtype: str = "float16",
+    batch_size: int = 64,
+    cache_dir: str | Path | None = None,
+    feature_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> FeatureCache:
+    """Compute (or reuse) the cached feature maps of one split.
+
+    Args:
+        model: a `ProtoQuantForImageClassification`; only its frozen backbone is run.
+        dataset: the split, with an `image` and a `label` column (no transform set).
+        image_processor: the processor `transform` applies (part of the cache key).
+        transform: batch transform producing `pixel_values` and `labels` (see `make_image_transform`).
+        split: split name, part of the cache key and the progress bar.
+        accelerator: shards the extraction across processes when given.
+        dtype: `"float16"` (half the disk) or `"float32"` storage.
+        batch_size: images per forward pass.
+        cache_dir: where caches live; defaults to `cache_root() / "features"`.
+        feature_fn: pixels → feature maps; defaults to `model.forward_features` (pass a faster
+            equivalent, e.g. an optimised inference copy of the backbone).
+
+    Returns:
+        The ready cache. An existing complete cache with the same key is reused as is.
+    """
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(STORAGE_DTYPES)}, got {dtype!r}.")
+    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    root = Path(cache_dir) if cache_dir is not None else cache_root() / "features"
+    final = root / cache_key(model, image_processor, dataset, split, dtype)
+    if (final / "meta.json").exists():
+        return FeatureCache.open(final)
+    feature_fn = feature_fn or model.forward_features
+    partial = root / f".{final.name}.partial"
+    device = accelerator.device
+
+    with torch.inference_mode():
+        probe = feature_fn(transform({"image": [dataset[0]["image"]]})["pixel_values"].to(device))
+    shape = (len(dataset), *probe.shape[1:])
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)  # a previous run killed mid-extraction
+        partial.mkdir(parents=True)
+        open_memmap(partial / "features.npy", mode="w+", dtype=STORAGE_DTYPES[dtype], shape=shape).flush()
+        open_memmap(partial / "labels.npy", mode="w+", dtype=np.int64, shape=(len(dataset),)).flush()
+    accelerator.wait_for_everyone()
+
+    # Contiguous shards, one per process, written into the shared file.
+    per_process = -(-len(dataset) // accelerator.num_processes)
+    start = accelerator.process_index * per_process
+    rows = range(start, min(start + per_process, len(dataset)))
+    features_out = np.load(partial / "features.npy", mmap_mode="r+")
+    labels_out = np.load(partial / "labels.npy", mmap_mode="r+")
+    loader = DataLoader(
+        dataset.select(rows).with_transform(transform), batch_size=batch_size, collate_fn=collate_fn
+    )
+    position = rows.start
+    progress = tqdm(
+        loader, desc=f"Extracting {split} features", unit="batch", disable=not accelerator.is_local_main_process
+    )
+    with torch.inference_mode():
+        for batch in progress:
+            maps = feature_fn(batch["pixel_values"].to(device)).float().cpu().numpy()
+            features_out[position : position + len(maps)] = maps
+            labels_out[position : position + len(maps)] = batch["labels"].numpy()
+            position += len(maps)
+    features_out.flush()
+    labels_out.flush()
+    del features_out, labels_out
+    accelerator.wait_for_everyone()
+
+    if accelerator.is_main_process:
+        meta = {
+            "version": CACHE_FORMAT_VERSION,
+            "split": split,
+            "shape": list(shape),
+            "dtype": dtype,
+            "dataset_fingerprint": dataset._fingerprint,
+            "backbone": getattr(model.config, "backbone_name", None),
+        }
+        (partial / "meta.json").write_text(json.dumps(meta, indent=2))
+        if final.exists():
+            shutil.rmtree(partial)
+        else:
+            partial.rename(final)
+    accelerator.wait_for_everyone()
+    return FeatureCache.open(final)
+
+
+__all__ = ["CachedFeatureDataset", "FeatureCache", "backbone_fingerprint", "cache_key", "extract_features"]

@@ -1,0 +1,172 @@
+"""The Accelerate training core: sharded epochs over cached features, global evaluation and counts.
+
+Everything that decides the model is global: every process sees the same shuffled order (a
+seeded permutation per epoch) and takes its own slice of each global batch, gradients are averaged
+by DDP, and accuracies and concept-usage counts are summed across processes. So N processes give
+the same model semantics as one process with an N-times larger batch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from .features import FeatureCache
+
+
+class Objective(nn.Module):
+    """Wraps `fn(model, inputs, targets) -> (loss, logits)` as a module, so Accelerate/DDP can
+    synchronise the gradients of exactly the parameters that stage trains."""
+
+    def __init__(self, model: nn.Module, fn: Callable):
+        super().__init__()
+        self.model = model
+        self.fn = fn
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.fn(self.model, inputs, targets)
+
+
+def epoch_batches(num_rows: int, batch_size: int, epoch: int, seed: int, accelerator: Accelerator) -> list[np.ndarray]:
+    """This process's row indices for every step of one epoch.
+
+    The global batch (batch_size × processes) of a seeded permutation is split evenly; the last one
+    wraps around, so every process runs the same number of equally sized steps.
+    """
+    order = np.random.default_rng([seed, epoch]).permutation(num_rows)
+    processes = accelerator.num_processes
+    global_batch = batch_size * processes
+    steps = math.ceil(num_rows / global_batch)
+    padded = np.concatenate([order, order[: steps * global_batch - num_rows]])
+    return [padded[step * global_batch : (step + 1) * global_batch][accelerator.process_index :: processes] for step in range(steps)]
+
+
+def shard_rows(num_rows: int, accelerator: Accelerator) -> np.ndarray:
+    """Disjoint rows of this process for evaluation and counting (summed across processes)."""
+    return np.arange(accelerator.process_index, num_rows, accelerator.num_processes)
+
+
+def global_sum(accelerator: Accelerator, tensor: torch.Tensor) -> torch.Tensor:
+    if accelerator.num_processes == 1:
+        return tensor
+    return accelerator.reduce(tensor.to(accelerator.device), reduction="sum").cpu()
+
+
+def broadcast_tensor(accelerator: Accelerator, tensor: torch.Tensor) -> torch.Tensor:
+    """Process 0's value of `tensor` on every process (for results computed once, e.g. k-means)."""
+    if accelerator.num_processes == 1:
+        return tensor
+    from accelerate.utils import broadcast
+
+    return broadcast(tensor.contiguous().to(accelerator.device), from_process=0).cpu()
+
+
+@torch.no_grad()
+def accuracy(
+    accelerator: Accelerator, predict: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor | FeatureCache, labels, batch_size: int = 256
+) -> float:
+    """Global accuracy of `predict(inputs_batch) -> logits` over a cache or an in-memory tensor."""
+    rows = shard_rows(len(labels), accelerator)
+    correct = torch.zeros(2, dtype=torch.long)
+    for start in range(0, len(rows), batch_size):
+        index = rows[start : start + batch_size]
+        if isinstance(inputs, FeatureCache):
+            batch, targets = next(inputs.batches(len(index), index))
+        else:
+            batch, targets = inputs[index], torch.as_tensor(labels)[index]
+        logits = predict(batch.to(accelerator.device)).cpu()
+        correct += torch.tensor([int((logits.argmax(-1) == targets).sum()), len(index)])
+    correct = global_sum(accelerator, correct)
+    return float(correct[0]) / max(int(correct[1]), 1)
+
+
+def fit(
+    accelerator: Accelerator,
+    objective: Objective,
+    param_groups: list[dict],
+    inputs: torch.Tensor | FeatureCache,
+    labels,
+    *,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    warmup_ratio: float,
+    desc: str,
+    start_epoch: int = 0,
+    restore: Callable[[], None] | None = None,
+    transform_batch: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
+    on_epoch_end: Callable[[int, dict], None] | None = None,
+) -> list[dict]:
+    """Train `objective` with Adam and a warm-up + cosine schedule.
+
+    Args:
+        param_groups: Adam parameter groups (each with its own `lr`); only these are trained.
+        inputs / labels: a FeatureCache (streamed from disk) or in-memory tensors.
+        start_epoch: epochs already done (resume); `restore()` then reloads the saved optimizer,
+            scheduler and weights after `prepare`.
+        transform_batch: optional (inputs, labels, rng) → (inputs, targets), e.g. Mixup/CutMix.
+        on_epoch_end: called with (epoch index, log record) after every epoch, e.g. to checkpoint.
+
+    Returns:
+        One log record per epoch run: epoch, mean loss, learning rate, seconds.
+    """
+    if epochs == 0:
+        return []
+    num_rows = len(labels)
+    steps_per_epoch = math.ceil(num_rows / (batch_size * accelerator.num_processes))
+    optimizer = torch.optim.Adam(param_groups)
+    total = steps_per_epoch * epochs
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(warmup_ratio * total), total)
+    prepared, optimizer, scheduler = accelerator.prepare(objective, optimizer, scheduler)
+    if restore is not None:
+        restore()
+    records = []
+    labels = torch.as_tensor(labels)
+    try:
+        for epoch in range(start_epoch, epochs):
+            prepared.train()
+            start, losses = time.perf_counter(), []
+            batches = epoch_batches(num_rows, batch_size, epoch, seed, accelerator)
+            rng = np.random.default_rng([seed, epoch, accelerator.process_index])
+            bar = tqdm(batches, desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False, disable=not accelerator.is_local_main_process)
+            for index in bar:
+                if isinstance(inputs, FeatureCache):
+                    batch, targets = next(inputs.batches(len(index), index))
+                else:
+                    batch, targets = inputs[index], labels[index]
+                batch, targets = batch.to(accelerator.device), targets.to(accelerator.device)
+                if transform_batch is not None:
+                    batch, targets = transform_batch(batch, targets, rng)
+                loss, _ = prepared(batch, targets)
+                accelerator.backward(loss)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+                losses.append(loss.item())
+            totals = global_sum(accelerator, torch.tensor([sum(losses), len(losses)], dtype=torch.float64))
+            record = {
+                "stage": desc,
+                "epoch": epoch + 1,
+                "loss": float(totals[0] / totals[1].clamp_min(1)),
+                "lr": scheduler.get_last_lr()[0],
+                "seconds": time.perf_counter() - start,
+            }
+            records.append(record)
+            if accelerator.is_main_process:
+                tqdm.write(f"{desc} epoch {epoch + 1}/{epochs}: loss {record['loss']:.4f} ({record['seconds']:.1f} s)")
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, record)
+    finally:
+        accelerator.free_memory()
+    return records
+
+
+__all__ = ["Objective", "accuracy", "broadcast_tensor", "epoch_batches", "fit", "global_sum", "shard_rows"]
