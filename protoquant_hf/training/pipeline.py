@@ -46,7 +46,7 @@ from .objectives import head_loss, mix_batch, stage1_loss, stage2_loss
 SUMMARY_FILE = "training_summary.json"
 LOG_FILE = "train_log.jsonl"
 PROGRESS_FILE = "progress.json"
-PHASES = ("probe", "init", "stage1", "prune", "stage2", "sparsify", "done")
+PHASES = ("init", "probe", "stage1", "prune", "stage2", "sparsify", "done")
 
 
 def _work_dir(output_dir: Path) -> Path:
@@ -207,14 +207,30 @@ def train_protoquant(
     train_cache = extract_features(model, dataset["train"], processor, transform, split="train", **extract)
     test_cache = extract_features(model, dataset["test"], processor, transform, split="test", **extract)
     state.timings.setdefault("feature_extraction_s", time.perf_counter() - tick)
-    if accelerator.is_main_process:
-        if training_args.overwrite:
-            shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-
     results, seed = state.results, training_args.seed
     num_classes = len(class_names)
+
+    # Concept initialisation, computed once and broadcast.
+    if not state.done("init"):
+        tick = time.perf_counter()
+        if accelerator.is_main_process:
+            initialize_concepts(
+                model,
+                train_cache,
+                training_args.concept_init,
+                max_vectors=training_args.kmeans_max_vectors,
+                kmeans_iterations=training_args.kmeans_iterations,
+                seed=seed,
+            )
+        model.codebook.concepts.data = broadcast_tensor(accelerator, model.codebook.concepts.data.cpu()).to(accelerator.device)
+        state.timings["concept_init_s"] = time.perf_counter() - tick
+        results["init_usage"] = usage_summary(_global_usage(accelerator, model, train_cache))
+        # Only now, with every input validated, does the run write anything.
+        if accelerator.is_main_process:
+            if training_args.overwrite:
+                shutil.rmtree(work, ignore_errors=True)
+            work.mkdir(parents=True, exist_ok=True)
+        state.save(model, "probe", 0)
 
     # Step 0: the frozen head stage 1 trains through, and the dense reference accuracy.
     if not state.done("probe"):
@@ -233,23 +249,6 @@ def train_protoquant(
             accelerator, lambda x: head.classifier(head.norm(x)), test_pooled, test_cache.labels
         )
         state.timings["probe_s"] = time.perf_counter() - tick
-        state.save(model, "init", 0)
-
-    # Concept initialisation, computed once and broadcast.
-    if not state.done("init"):
-        tick = time.perf_counter()
-        if accelerator.is_main_process:
-            initialize_concepts(
-                model,
-                train_cache,
-                training_args.concept_init,
-                max_vectors=training_args.kmeans_max_vectors,
-                kmeans_iterations=training_args.kmeans_iterations,
-                seed=seed,
-            )
-        model.codebook.concepts.data = broadcast_tensor(accelerator, model.codebook.concepts.data.cpu()).to(accelerator.device)
-        state.timings["concept_init_s"] = time.perf_counter() - tick
-        results["init_usage"] = usage_summary(_global_usage(accelerator, model, train_cache))
         state.save(model, "stage1", 0)
 
     def checkpointed(stage: str):
@@ -418,4 +417,24 @@ def _train_head(accelerator, model, args: ProtoQuantTrainingArguments, train_cac
     model.classifier.weight.requires_grad_(True)
 
 
-__all__ = ["check_output_dir", "train_protoquant"]
+__all__ = ["check_output_dir", "check_saved_model", "train_protoquant"]
+
+
+def check_saved_model(output_dir: str | Path, data_args: DataArguments, num_images: int = 16) -> dict:
+    """Reload a trained folder the way users will (`AutoModelForImageClassification` and
+    `pipeline("image-classification")`) and check both agree on a few test images."""
+    from transformers import AutoModelForImageClassification, pipeline
+
+    dataset = load_image_dataset(data_args.dataset, image_column=data_args.image_column, label_column=data_args.label_column,
+                                 max_samples_per_split=data_args.max_samples_per_split)
+    images = [row["image"] for row in dataset["test"].select(range(min(num_images, len(dataset["test"]))))]
+    model = AutoModelForImageClassification.from_pretrained(output_dir).eval()
+    processor = AutoImageProcessor.from_pretrained(output_dir)
+    classify = pipeline("image-classification", model=model, image_processor=processor)
+    from ..data import to_rgb
+
+    with torch.no_grad():
+        direct = model(**processor(images=[to_rgb(image) for image in images], return_tensors="pt")).logits.argmax(-1)
+    via_pipeline = [classify(to_rgb(image), top_k=1)[0]["label"] for image in images]
+    agree = sum(model.config.id2label[int(i)] == label for i, label in zip(direct, via_pipeline))
+    return {"num_images": len(images), "agreement": agree / max(len(images), 1)}
