@@ -21,7 +21,7 @@ TOKEN_FAMILIES = ("vit", "deit", "clip_vision_model", "siglip_vision_model")
 CONVNET_FAMILIES = ("efficientnet", "mobilenet_v1", "mobilenet_v2", "regnet")
 SUPPORTED_BACKBONE_FAMILIES = AUTOBACKBONE_FAMILIES + TOKEN_FAMILIES + CONVNET_FAMILIES
 
-CONCEPT_INITS = ("kmeans", "samples", "orthogonal")
+CONCEPT_INITS = ("kmeans", "class_kmeans", "samples", "orthogonal")
 
 # The bundled default backbone: EfficientNet-Lite0's architecture expressed as a transformers
 # EfficientNet config (Lite: ReLU6, no squeeze-excite, fixed 32/1280 stem/head widths).
@@ -86,8 +86,8 @@ class ProtoQuantConfig(PreTrainedConfig):
             Weight w of the stage-1 MSE codebook term, L = CE + w·MSE(code, stop_grad(feature)).
         concept_init (`str`, *optional*, defaults to `"kmeans"`):
             How training initialises the concepts: `"kmeans"` (spherical k-means on training feature
-            vectors), `"samples"` (random training feature vectors) or `"orthogonal"` (the official
-            code's default, kept for reproduction).
+            vectors), `"class_kmeans"` (k-means within each class), `"samples"` (random training
+            feature vectors) or `"orthogonal"` (the official code's default, kept for reproduction).
         initializer_range (`float`, *optional*, defaults to 0.02):
             Std of the normal init of the stage-1 head.
         backbone_name (`str`, *optional*):

@@ -14,6 +14,7 @@ import math
 import torch
 from transformers import initialization as init
 
+from ..configuration_protoquant import CONCEPT_INITS
 from .features import FeatureCache
 
 
@@ -92,8 +93,11 @@ def initialize_concepts(
     """Set the model's concepts from the training feature maps.
 
     Args:
-        method: `"kmeans"` (spherical k-means, the default), `"samples"` (random distinct training
-            feature vectors) or `"orthogonal"` (the official code's init, kept for reproduction).
+        method: `"kmeans"` (spherical k-means on all training feature vectors), `"class_kmeans"`
+            (k-means within each class's feature vectors, K/C concepts per class: concepts typical
+            of one class, which a sparse non-negative head can use directly), `"samples"` (random
+            distinct training feature vectors) or `"orthogonal"` (the official code's init, kept
+            for reproduction).
         max_vectors: sample size bounding the k-means cost on large datasets.
     """
     concepts = model.codebook.concepts
@@ -101,15 +105,25 @@ def initialize_concepts(
     if method == "orthogonal":
         init.orthogonal_(concepts.data, generator=torch.Generator().manual_seed(seed))
         return
-    vectors = train_cache.feature_vectors(max_vectors=max_vectors, seed=seed)
+    vectors, labels = train_cache.feature_vectors(max_vectors=max_vectors, seed=seed)
     if method == "kmeans":
         centroids, _ = spherical_kmeans(vectors, num_concepts, kmeans_iterations, seed)
+    elif method == "class_kmeans":
+        classes = labels.unique()
+        shares = [num_concepts // len(classes) + (i < num_concepts % len(classes)) for i in range(len(classes))]
+        centroids = torch.cat(
+            [
+                spherical_kmeans(vectors[labels == label], share, kmeans_iterations, seed)[0]
+                for label, share in zip(classes.tolist(), shares)
+                if share > 0
+            ]
+        )
     elif method == "samples":
         if num_concepts > len(vectors):
             raise ValueError(f"Cannot sample K={num_concepts} concepts from {len(vectors)} non-zero feature vectors.")
         centroids = vectors[torch.randperm(len(vectors), generator=torch.Generator().manual_seed(seed))[:num_concepts]]
     else:
-        raise ValueError(f"Unknown concept init {method!r}; choose kmeans, samples or orthogonal.")
+        raise ValueError(f"Unknown concept init {method!r}; choose one of {', '.join(CONCEPT_INITS)}.")
     concepts.data.copy_(centroids.to(concepts))
 
 

@@ -100,23 +100,28 @@ class FeatureCache:
         """Global-average-pooled features (N, D), the input of a linear probe."""
         return torch.cat([features.mean(dim=(2, 3)) for features, _ in self.batches(batch_size)])
 
-    def feature_vectors(self, max_vectors: int | None = None, seed: int = 0, batch_size: int = 512) -> torch.Tensor:
-        """Individual non-zero location vectors (n, D): all of them, or a seeded sample of at most
-        `max_vectors` (memory stays bounded by the sample, not the cache)."""
+    def feature_vectors(
+        self, max_vectors: int | None = None, seed: int = 0, batch_size: int = 512
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Individual non-zero location vectors (n, D) with their image's label (n,): all of them,
+        or a seeded sample of at most `max_vectors` (memory stays bounded by the sample)."""
         num_images, hidden_size, height, width = self.features.shape
-        total = num_images * height * width
+        per_image = height * width
         keep = None
-        if max_vectors is not None and total > max_vectors:
-            keep = np.zeros(total, dtype=bool)
-            keep[np.random.default_rng(seed).choice(total, size=max_vectors, replace=False)] = True
-        chunks, offset = [], 0
-        for features, _ in self.batches(batch_size):
-            vectors = features.flatten(2).transpose(1, 2).reshape(-1, hidden_size)
+        if max_vectors is not None and num_images * per_image > max_vectors:
+            keep = np.zeros(num_images * per_image, dtype=bool)
+            keep[np.random.default_rng(seed).choice(len(keep), size=max_vectors, replace=False)] = True
+        vectors, labels, offset = [], [], 0
+        for features, batch_labels in self.batches(batch_size):
+            flat = features.flatten(2).transpose(1, 2).reshape(-1, hidden_size)
+            flat_labels = batch_labels.repeat_interleave(per_image)
+            selected = flat.norm(dim=1) > 0
             if keep is not None:
-                vectors = vectors[torch.from_numpy(keep[offset : offset + len(vectors)])]
-            offset += features.shape[0] * height * width
-            chunks.append(vectors[vectors.norm(dim=1) > 0])
-        return torch.cat(chunks)
+                selected &= torch.from_numpy(keep[offset : offset + len(flat)])
+            offset += len(flat)
+            vectors.append(flat[selected])
+            labels.append(flat_labels[selected])
+        return torch.cat(vectors), torch.cat(labels)
 
 
 class CachedFeatureDataset(torch.utils.data.Dataset):
