@@ -18,13 +18,16 @@ from .features import CachedFeatureDataset, FeatureCache, extract_features
 from .head import concepts_per_class, fit_linear_probe, limit_concepts_per_class, prune_unused_concepts
 from .objectives import head_loss, l1_penalty, mix_batch, soft_cross_entropy, stage1_loss, stage2_loss
 from .pipeline import train_protoquant
+from .trainer import ProtoQuantTrainer, compute_accuracy, prepare_trainer_datasets
 
 __all__ = [
     "CachedFeatureDataset",
     "DataArguments",
     "FeatureCache",
     "ModelArguments",
+    "ProtoQuantTrainer",
     "ProtoQuantTrainingArguments",
+    "compute_accuracy",
     "concept_usage",
     "concepts_per_class",
     "extract_features",
@@ -36,6 +39,7 @@ __all__ = [
     "l1_penalty",
     "limit_concepts_per_class",
     "mix_batch",
+    "prepare_trainer_datasets",
     "prune_by_usage",
     "prune_unused_concepts",
     "soft_cross_entropy",
