@@ -114,7 +114,8 @@ def main() -> None:
             for name, run in variants.items():
                 seconds[name].append(timed(run))
 
-    print(f"{type(model).__name__} on {args.device}, {args.resolution} px, batch {args.batch_size}, {args.threads} threads")
+    setting = f"{args.resolution} px, batch {args.batch_size}, {args.threads} threads"
+    print(f"{type(model).__name__} on {args.device}, {setting}")
     throughput = {name: args.batch_size / statistics.median(times) for name, times in seconds.items()}
     for name, times in seconds.items():
         print(f"{name:>20}: {throughput[name]:8.1f} img/s  (best {args.batch_size / min(times):.1f})")

@@ -25,7 +25,6 @@ For fast frozen feature extraction see :func:`protoquant_hf.fast_backbone.optimi
 
 from __future__ import annotations
 
-import copy
 import importlib
 import json
 import re
@@ -33,8 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
-from transformers import EfficientNetConfig, EfficientNetForImageClassification, EfficientNetModel
+from transformers import EfficientNetConfig, EfficientNetForImageClassification
 
 from .cache import atomic_folder, cache_root
 
@@ -103,7 +101,10 @@ _KEY_RULES = [
     (re.compile(r"^_bn0\."), "efficientnet.embeddings.batchnorm."),
     (re.compile(r"^_blocks\.(\d+)\._expand_conv\."), r"efficientnet.encoder.blocks.\1.expansion.expand_conv."),
     (re.compile(r"^_blocks\.(\d+)\._bn0\."), r"efficientnet.encoder.blocks.\1.expansion.expand_bn."),
-    (re.compile(r"^_blocks\.(\d+)\._depthwise_conv\."), r"efficientnet.encoder.blocks.\1.depthwise_conv.depthwise_conv."),
+    (
+        re.compile(r"^_blocks\.(\d+)\._depthwise_conv\."),
+        r"efficientnet.encoder.blocks.\1.depthwise_conv.depthwise_conv.",
+    ),
     (re.compile(r"^_blocks\.(\d+)\._bn1\."), r"efficientnet.encoder.blocks.\1.depthwise_conv.depthwise_norm."),
     (re.compile(r"^_blocks\.(\d+)\._project_conv\."), r"efficientnet.encoder.blocks.\1.projection.project_conv."),
     (re.compile(r"^_blocks\.(\d+)\._bn2\."), r"efficientnet.encoder.blocks.\1.projection.project_bn."),

@@ -224,9 +224,8 @@ def test_optimized_lite0_matches_original(lite0):
     fast = optimize_frozen_backbone(model, micro_batch_pixels=2 * 64 * 64)  # 5 images -> micro-batches 2, 2, 1
     assert isinstance(fast, FrozenEfficientNet)
     assert not any(isinstance(m, (EfficientNetSqueezeExciteLayer, torch.nn.BatchNorm2d)) for m in fast.modules())
-    used_pads = [fast.model.embeddings.padding] + [
-        block.depthwise_conv.depthwise_conv_pad for block in fast.model.encoder.blocks if block.depthwise_conv.stride == 2
-    ]
+    stride_2_layers = [block.depthwise_conv for block in fast.model.encoder.blocks if block.depthwise_conv.stride == 2]
+    used_pads = [fast.model.embeddings.padding] + [layer.depthwise_conv_pad for layer in stride_2_layers]
     assert all(isinstance(pad, torch.nn.Identity) for pad in used_pads)  # folded into the convs
     assert any(isinstance(m, EfficientNetSqueezeExciteLayer) for m in model.modules())  # original untouched
     pixels = torch.randn(5, 3, 64, 64, generator=torch.Generator().manual_seed(0))
