@@ -7,7 +7,9 @@
 
 from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
 
+from .bundled_backbones import BUNDLED_BACKBONES, bundled_backbone_path
 from .configuration_protoquant import SUPPORTED_BACKBONE_FAMILIES, ProtoQuantConfig
+from .data import BUNDLED_DATASETS, load_image_dataset
 from .modeling_protoquant import (
     ProtoQuantForImageClassification,
     ProtoQuantImageClassifierOutput,
@@ -27,8 +29,13 @@ AutoModelForImageClassification.register(ProtoQuantConfig, ProtoQuantForImageCla
 ProtoQuantConfig.register_for_auto_class("AutoConfig")
 ProtoQuantModel.register_for_auto_class("AutoModel")
 ProtoQuantForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+# Bundled offline backbones are addressable by short name wherever a backbone name is accepted.
+for _name in BUNDLED_BACKBONES:
+    register_backbone_alias(_name, bundled_backbone_path)
 
 __all__ = [
+    "BUNDLED_BACKBONES",
+    "BUNDLED_DATASETS",
     "SUPPORTED_BACKBONE_FAMILIES",
     "ProtoQuantConfig",
     "ProtoQuantForImageClassification",
@@ -36,6 +43,7 @@ __all__ = [
     "ProtoQuantModel",
     "ProtoQuantModelOutput",
     "ProtoQuantQuantizedOutput",
+    "load_image_dataset",
     "register_backbone_alias",
     "resolve_backbone",
 ]

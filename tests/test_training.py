@@ -70,7 +70,8 @@ def backbone_folder(tmp_path_factory) -> Path:
 
 def run_args(image_folder, backbone_folder, output_dir, **training):
     defaults = dict(
-        output_dir=str(output_dir), batch_size=8, stage1_epochs=2, stage2_epochs=4, kmeans_iterations=5, seed=0
+        output_dir=str(output_dir), batch_size=8, stage1_epochs=2, stage2_epochs=4, kmeans_iterations=5, seed=0,
+        top_k_per_class=None, sparsify_epochs=2,
     )
     defaults.update(training)
     return (
@@ -83,7 +84,7 @@ def run_args(image_folder, backbone_folder, output_dir, **training):
 @pytest.fixture(scope="module")
 def trained(image_folder, backbone_folder, tmp_path_factory):
     output = tmp_path_factory.mktemp("runs") / "run"
-    summary = train_protoquant(*run_args(image_folder, backbone_folder, output, top_k_per_class=2, sparsify_epochs=2))
+    summary = train_protoquant(*run_args(image_folder, backbone_folder, output, top_k_per_class=2))
     return output, summary
 
 
@@ -195,7 +196,7 @@ def test_bad_inputs_leave_no_output(image_folder, backbone_folder, tmp_path):
         train_protoquant(*run_args(tmp_path / "no-such-dataset", backbone_folder, output))
     data, model, training = run_args(image_folder, backbone_folder, output)
     model.num_concepts = 5000
-    with pytest.raises(ValueError, match="at least K=5000"):
+    with pytest.raises(ValueError, match="K=5000 concepts needs at least K"):
         train_protoquant(data, model, training)
     assert not output.exists() and not (tmp_path / ".out.incomplete").exists()
     with pytest.raises(ValueError, match="l1_lambda"):
@@ -237,7 +238,7 @@ def test_two_processes_match_one_process(image_folder, backbone_folder, tmp_path
     common = [
         "--dataset", str(image_folder), "--backbone", str(backbone_folder), "--image_size", str(SIZE),
         "--num_concepts", "8", "--feature_dtype", "float32", "--stage1_epochs", "2", "--stage2_epochs", "3",
-        "--kmeans_iterations", "5", "--seed", "0", "--cache_dir", str(tmp_path / "cache"),
+        "--kmeans_iterations", "5", "--seed", "0", "--cache_dir", str(tmp_path / "cache"), "--top_k_per_class", "0",
     ]
     # Same global batch: 16 in one process, 2 x 8 in two.
     one = _launch([*common, "--batch_size", "16", "--output_dir", str(tmp_path / "one")], tmp_path, 1)

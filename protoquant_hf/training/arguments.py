@@ -74,10 +74,12 @@ class ProtoQuantTrainingArguments:
     mixed_precision: str = field(default="no", metadata={"help": "Accelerate mixed precision: no, bf16 or fp16."})
     # Stage 1: the codebook.
     concept_init: str = field(
-        default="kmeans",
+        default="class_kmeans",
         metadata={
-            "help": f"Concept initialisation, one of {', '.join(CONCEPT_INITS)}. kmeans (spherical, on "
-            "training feature vectors) keeps concepts alive; orthogonal is the official code's default."
+            "help": f"Concept initialisation, one of {', '.join(CONCEPT_INITS)}. class_kmeans: spherical "
+            "k-means within each class's training feature vectors (K/C concepts per class); kmeans: over all "
+            "of them; both keep every concept alive and grounded. orthogonal is the official code's default, "
+            "kept for reproduction (it leaves most concepts dead on ReLU features)."
         },
     )
     kmeans_max_vectors: int = field(
@@ -95,9 +97,12 @@ class ProtoQuantTrainingArguments:
     )
     prune_steps: int = field(default=4, metadata={"help": "Rounds of usage-based pruning (usage recounted each round)."})
     # Stage 2: the interpretable head.
-    stage2_epochs: int = field(default=30, metadata={"help": "Epochs of stage-2 head training."})
+    stage2_epochs: int = field(
+        default=100,
+        metadata={"help": "Epochs of stage-2 head training (cheap: with frozen concepts they run on precomputed scores)."},
+    )
     stage2_lr: float = field(
-        default=0.1,
+        default=0.3,
         metadata={
             "help": "Adam learning rate of the concept→class weights. Large on purpose: with τ = 0.1 and "
             "hundreds of concepts the presence scores are nearly flat."
@@ -113,13 +118,13 @@ class ProtoQuantTrainingArguments:
         default=False, metadata={"help": "Mixup/CutMix (α 0.8/1.0, label smoothing 0.1) on the feature maps in stage 2."}
     )
     top_k_per_class: int | None = field(
-        default=None,
+        default=10,
         metadata={
             "help": "Post-training sparsification: keep the k strongest concepts per class, drop unused "
-            "concepts, retrain the head."
+            "concepts, retrain the head (--top_k_per_class 0 or none to skip)."
         },
     )
-    sparsify_epochs: int = field(default=20, metadata={"help": "Head retraining epochs after top-k sparsification."})
+    sparsify_epochs: int = field(default=100, metadata={"help": "Head retraining epochs after top-k sparsification."})
     warmup_ratio: float = field(default=0.05, metadata={"help": "Linear warm-up share of each stage's steps (cosine decay after)."})
 
     def __post_init__(self):
@@ -132,6 +137,10 @@ class ProtoQuantTrainingArguments:
         for name in ("stage1_epochs", "stage2_epochs", "sparsify_epochs"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}.")
+        if self.top_k_per_class == 0:
+            self.top_k_per_class = None
+        if self.top_k_per_class is not None and self.top_k_per_class < 0:
+            raise ValueError(f"--top_k_per_class must be >= 1 (or 0 to skip), got {self.top_k_per_class}.")
         if self.batch_size < 1:
             raise ValueError(f"--batch_size must be >= 1, got {self.batch_size}.")
 

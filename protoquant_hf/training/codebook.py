@@ -106,18 +106,28 @@ def initialize_concepts(
         init.orthogonal_(concepts.data, generator=torch.Generator().manual_seed(seed))
         return
     vectors, labels = train_cache.feature_vectors(max_vectors=max_vectors, seed=seed)
+    if num_concepts > len(vectors):
+        raise ValueError(
+            f"Initialising K={num_concepts} concepts needs at least K non-zero training feature vectors, but only "
+            f"{len(vectors)} are available. Lower --num_concepts, use more training images, or use "
+            "--concept_init orthogonal."
+        )
     if method == "kmeans":
         centroids, _ = spherical_kmeans(vectors, num_concepts, kmeans_iterations, seed)
     elif method == "class_kmeans":
         classes = labels.unique()
         shares = [num_concepts // len(classes) + (i < num_concepts % len(classes)) for i in range(len(classes))]
-        centroids = torch.cat(
-            [
-                spherical_kmeans(vectors[labels == label], share, kmeans_iterations, seed)[0]
-                for label, share in zip(classes.tolist(), shares)
-                if share > 0
-            ]
-        )
+        parts = []
+        for label, share in zip(classes.tolist(), shares):
+            members = vectors[labels == label]
+            if share > len(members):
+                raise ValueError(
+                    f"class_kmeans gives class {label} {share} concepts but it has only {len(members)} non-zero "
+                    "training feature vectors. Lower --num_concepts or use --concept_init kmeans."
+                )
+            if share > 0:
+                parts.append(spherical_kmeans(members, share, kmeans_iterations, seed)[0])
+        centroids = torch.cat(parts)
     elif method == "samples":
         if num_concepts > len(vectors):
             raise ValueError(f"Cannot sample K={num_concepts} concepts from {len(vectors)} non-zero feature vectors.")

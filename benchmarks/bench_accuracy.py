@@ -1,0 +1,94 @@
+"""Accuracy of ProtoQuant against the dense linear probe, on full bundled datasets.
+
+For each dataset, two training runs through `train_protoquant` (sharing one feature cache):
+  frozen     the defaults: concepts frozen in stage 2 (grounded), top-k sparsification
+  finetuned  the same with --train_concepts (the official code's stage-2 default)
+and one table row per model: linear probe (dense), stage-1 quantized, stage 2, after top-k, with
+concepts per class (ReLU(W) > 0.1), grounding, K, λ, τ and epochs. Prints a markdown table and
+writes the raw summaries to --json.
+
+    python benchmarks/bench_accuracy.py --datasets animal-mnist fashion-mnist --json benchmarks/accuracy.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+from protoquant_hf.training import DataArguments, ModelArguments, ProtoQuantTrainingArguments, train_protoquant
+
+
+def row(name: str, dataset: str, summary: dict, accuracy_key: str) -> str:
+    results, args, model = summary["results"], summary["arguments"]["training"], summary["arguments"]["model"]
+    probe = results["linear_probe_accuracy"]
+    accuracy = results.get(accuracy_key)
+    per_class = results.get(f"{accuracy_key.removesuffix('_accuracy')}_concepts_per_class") or {}
+    grounding = results["grounding"]
+    sparsified = accuracy_key == "sparsify_accuracy"
+    epochs = f"{args['stage1_epochs']}/{args['stage2_epochs']}" + (f"/{args['sparsify_epochs']}" if sparsified else "")
+    num_concepts = results["num_concepts"] if sparsified else results["num_concepts_after_pruning"]
+    cpc = f"{per_class['mean']:.1f} (max {per_class['max']})" if per_class else "-"
+    return (
+        f"| {dataset} | {name} | {accuracy:.4f} | {accuracy / probe:.3f} | {cpc} | {grounding['grounding_mean']:.3f} / "
+        f"{grounding['grounding_min']:.3f} | {num_concepts} | {args['l1_lambda']:g} | {model['temperature']:g} | {epochs} |"
+    )
+
+
+HEADER = (
+    "| dataset | model | test accuracy | × linear probe | concepts per class | grounding mean / min | K | λ | τ | epochs (s1/s2/sparsify) |\n"
+    "|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def table(raw: dict) -> str:
+    lines = [HEADER]
+    for dataset, runs in raw.items():
+        frozen, finetuned = runs["frozen"], runs["finetuned"]
+        probe = frozen["results"]["linear_probe_accuracy"]
+        stage1 = frozen["results"]["stage1_accuracy"]
+        stage1_epochs = frozen["arguments"]["training"]["stage1_epochs"]
+        lines.append(f"| {dataset} | linear probe (dense, pooled features) | {probe:.4f} | 1.000 | dense | - | - | - | - | - |")
+        lines.append(f"| {dataset} | stage 1 (quantized, frozen probe head) | {stage1:.4f} | {stage1 / probe:.3f} | - | - | - | - | - | {stage1_epochs} |")
+        lines.append(row("ProtoQuant, frozen concepts", dataset, frozen, "stage2_accuracy"))
+        lines.append(row("ProtoQuant, frozen concepts, top-k", dataset, frozen, "sparsify_accuracy"))
+        lines.append(row("ProtoQuant, fine-tuned concepts", dataset, finetuned, "stage2_accuracy"))
+        lines.append(row("ProtoQuant, fine-tuned concepts, top-k", dataset, finetuned, "sparsify_accuracy"))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", nargs="+", default=["animal-mnist", "fashion-mnist"])
+    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--finetuned-epochs", type=int, default=20, help="stage-2 epochs of the fine-tuned-concepts run")
+    parser.add_argument("--concept-lr", type=float, default=1e-4, help="concept learning rate of the fine-tuned run")
+    parser.add_argument("--json", default=None, help="write the raw training summaries here")
+    parser.add_argument("--from-json", default=None, help="only render the table of a previous --json file")
+    args = parser.parse_args()
+    if args.from_json:
+        print(table(json.loads(Path(args.from_json).read_text())))
+        return
+
+    raw = {}
+    for dataset in args.datasets:
+        data = DataArguments(dataset=dataset, image_size=args.image_size)
+        model = ModelArguments()
+        with tempfile.TemporaryDirectory() as tmp:
+            frozen_args = ProtoQuantTrainingArguments(output_dir=str(Path(tmp) / "frozen"))
+            frozen = train_protoquant(data, model, frozen_args)
+            finetuned_args = replace(
+                frozen_args, output_dir=str(Path(tmp) / "finetuned"), train_concepts=True, concept_lr=args.concept_lr,
+                stage2_epochs=args.finetuned_epochs, sparsify_epochs=args.finetuned_epochs,
+            )
+            finetuned = train_protoquant(data, model, finetuned_args)
+        raw[dataset] = {"frozen": frozen, "finetuned": finetuned}
+        print(table(raw), flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(raw, indent=2))
+
+
+if __name__ == "__main__":
+    main()
