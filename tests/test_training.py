@@ -257,3 +257,41 @@ def test_two_processes_match_one_process(image_folder, backbone_folder, tmp_path
     # Same updates up to float summation order (Adam magnifies that on near-zero gradients); the
     # largest possible Adam move over these 12 steps is 12 x lr = 6e-3.
     torch.testing.assert_close(model_two.codebook.concepts, model_one.codebook.concepts, rtol=1e-3, atol=1e-3)
+
+
+def test_augmented_training_runs_the_backbone_on_fresh_pixels(image_folder, backbone_folder, tmp_path, monkeypatch):
+    import protoquant_hf.training.pipeline as pipeline_module
+
+    calls = []
+    original = pipeline_module._feature_fn
+
+    def counting_feature_fn(model):
+        compute = original(model)
+
+        def wrapped(pixels):
+            calls.append(pixels.shape[0])
+            return compute(pixels)
+
+        return wrapped
+
+    monkeypatch.setattr(pipeline_module, "_feature_fn", counting_feature_fn)
+    data, model, training = run_args(image_folder, backbone_folder, tmp_path / "augmented", stage1_epochs=1, stage2_epochs=1)
+    data.augment, data.cache_dir = True, str(tmp_path / "fresh-cache")  # fresh cache: extraction counted too
+    summary = train_protoquant(data, model, training)
+    extraction = 48 + 24 + 2  # both caches (+ one probe image each)
+    # every training epoch (one in each stage) ran the backbone over all 48 training images again
+    assert sum(calls) == extraction + 2 * 48
+    assert summary["arguments"]["data"]["augment"] is True
+    assert 0.0 <= summary["results"]["accuracy"] <= 1.0
+
+
+def test_random_augment_is_seeded_and_keeps_size():
+    import random
+
+    from protoquant_hf.data import random_augment
+
+    image = _pattern(2, np.random.default_rng(1))
+    first = random_augment(image, random.Random(3))
+    assert first.size == image.size and first.mode == image.mode
+    assert np.array_equal(np.asarray(first), np.asarray(random_augment(image, random.Random(3))))
+    assert any(not np.array_equal(np.asarray(random_augment(image, random.Random(s))), np.asarray(image)) for s in range(5))

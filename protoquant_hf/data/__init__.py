@@ -5,7 +5,7 @@
 """
 
 from .datasets import BUNDLED_DATASETS, MIN_IMAGE_SIZE, load_image_dataset
-from .preprocessing import collate_fn, make_image_transform, to_8bit, to_rgb, with_image_size
+from .preprocessing import collate_fn, make_image_transform, random_augment, to_8bit, to_rgb, with_image_size
 
 __all__ = [
     "BUNDLED_DATASETS",
@@ -13,6 +13,7 @@ __all__ = [
     "collate_fn",
     "load_image_dataset",
     "make_image_transform",
+    "random_augment",
     "to_8bit",
     "to_rgb",
     "with_image_size",

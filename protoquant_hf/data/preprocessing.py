@@ -18,6 +18,8 @@ Everything works with the PIL processor backends, i.e. without torchvision.
 
 from __future__ import annotations
 
+import math
+import random
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -109,11 +111,34 @@ def with_image_size(image_processor: BaseImageProcessor, image_size: int) -> Bas
     return type(image_processor).from_dict(config)
 
 
+def random_augment(image: PIL.Image.Image, rng: random.Random, min_scale: float = 0.6) -> PIL.Image.Image:
+    """Training augmentation on a PIL image: a random crop covering ``min_scale``–100 % of the area
+    (aspect ratio 3/4–4/3), resized back to the original size, then a horizontal flip with p = 0.5.
+
+    Args:
+        image: The input image (any size).
+        rng: Source of randomness (seed it for reproducible runs).
+        min_scale: Smallest crop area as a fraction of the image.
+
+    Returns:
+        An image of the same size and mode.
+    """
+    width, height = image.size
+    area = width * height * rng.uniform(min_scale, 1.0)
+    ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+    crop_w = max(1, min(width, round(math.sqrt(area * ratio))))
+    crop_h = max(1, min(height, round(math.sqrt(area / ratio))))
+    left, top = rng.randint(0, width - crop_w), rng.randint(0, height - crop_h)
+    image = image.resize((width, height), PIL.Image.BICUBIC, box=(left, top, left + crop_w, top + crop_h))
+    return image.transpose(PIL.Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else image
+
+
 def make_image_transform(
     image_processor: BaseImageProcessor,
     image_size: int | None = None,
     image_column: str = "image",
     label_column: str = "label",
+    augment_seed: int | None = None,
 ) -> Callable[[dict[str, list[Any]]], dict[str, torch.Tensor]]:
     """Build a lazy batch transform for ``Dataset.set_transform`` / ``Dataset.with_transform``.
 
@@ -134,6 +159,8 @@ def make_image_transform(
         image_size: Square output size in pixels; ``None`` keeps the processor's own size.
         image_column: Column holding PIL images.
         label_column: Column holding integer class ids; passed through as ``labels`` when present.
+        augment_seed: When given, every image first goes through :func:`random_augment`, seeded with it
+            (training-time augmentation); ``None`` (the default) is the deterministic evaluation transform.
 
     Returns:
         A function mapping a batch dict to ``{"pixel_values": FloatTensor (B, 3, S, S), "labels": LongTensor (B,)}``
@@ -141,8 +168,12 @@ def make_image_transform(
     """
     processor = with_image_size(image_processor, image_size) if image_size is not None else image_processor
 
+    rng = random.Random(augment_seed) if augment_seed is not None else None
+
     def transform(batch: dict[str, list[Any]]) -> dict[str, torch.Tensor]:
         images = [to_rgb(image) for image in batch[image_column]]
+        if rng is not None:
+            images = [random_augment(image, rng) for image in images]
         outputs = {"pixel_values": processor(images=images, return_tensors="pt")["pixel_values"]}
         if label_column in batch:
             outputs["labels"] = torch.as_tensor(batch[label_column], dtype=torch.long)
@@ -167,4 +198,12 @@ def collate_fn(examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
     return batch
 
 
-__all__ = ["HIGH_BIT_DEPTH_MODES", "collate_fn", "make_image_transform", "to_8bit", "to_rgb", "with_image_size"]
+__all__ = [
+    "HIGH_BIT_DEPTH_MODES",
+    "collate_fn",
+    "make_image_transform",
+    "random_augment",
+    "to_8bit",
+    "to_rgb",
+    "with_image_size",
+]

@@ -28,6 +28,14 @@ class DataArguments:
         default="error",
         metadata={"help": "What to do with unreadable or too-small images: 'error' or 'skip' (counted and reported)."},
     )
+    augment: bool = field(
+        default=False,
+        metadata={
+            "help": "Random resized crops and horizontal flips of the training images in both training stages. "
+            "The backbone then runs on every training batch (the feature cache still serves evaluation, "
+            "concept init and the probe); without augmentation every epoch reads the cache."
+        },
+    )
     feature_dtype: str = field(
         default="float16", metadata={"help": "Storage dtype of the feature cache: float16 (half the disk) or float32."}
     )

@@ -22,6 +22,26 @@ from transformers import get_cosine_schedule_with_warmup
 from .features import FeatureCache
 
 
+class AugmentedImages:
+    """Training images augmented on the fly, served like a FeatureCache (`batches`, `labels`).
+
+    The alternative to the cache when images are augmented: each batch is freshly augmented
+    pixels, so the objective must run the backbone itself. Row i is the cache's row i."""
+
+    def __init__(self, dataset, transform: Callable):
+        self.dataset = dataset.with_transform(transform)
+        self.labels = np.asarray(dataset["label"])
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batches(self, batch_size: int, indices: np.ndarray | None = None):
+        order = np.arange(len(self)) if indices is None else indices
+        for start in range(0, len(order), batch_size):
+            batch = self.dataset[[int(i) for i in order[start : start + batch_size]]]
+            yield batch["pixel_values"], batch["labels"]
+
+
 class Objective(nn.Module):
     """Wraps `fn(model, inputs, targets) -> (loss, logits)` as a module, so Accelerate/DDP can
     synchronise the gradients of exactly the parameters that stage trains."""
@@ -78,7 +98,7 @@ def accuracy(
     correct = torch.zeros(2, dtype=torch.long)
     for start in range(0, len(rows), batch_size):
         index = rows[start : start + batch_size]
-        if isinstance(inputs, FeatureCache):
+        if hasattr(inputs, "batches"):
             batch, targets = next(inputs.batches(len(index), index))
         else:
             batch, targets = inputs[index], torch.as_tensor(labels)[index]
@@ -109,7 +129,7 @@ def fit(
 
     Args:
         param_groups: Adam parameter groups (each with its own `lr`); only these are trained.
-        inputs / labels: a FeatureCache (streamed from disk) or in-memory tensors.
+        inputs / labels: a FeatureCache (streamed from disk), `AugmentedImages`, or in-memory tensors.
         start_epoch: epochs already done (resume); `restore()` then reloads the saved optimizer,
             scheduler and weights after `prepare`.
         transform_batch: optional (inputs, labels, rng) → (inputs, targets), e.g. Mixup/CutMix.
@@ -138,7 +158,7 @@ def fit(
             rng = np.random.default_rng([seed, epoch, accelerator.process_index])
             bar = tqdm(batches, desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False, disable=not accelerator.is_local_main_process)
             for index in bar:
-                if isinstance(inputs, FeatureCache):
+                if hasattr(inputs, "batches"):
                     batch, targets = next(inputs.batches(len(index), index))
                 else:
                     batch, targets = inputs[index], labels[index]
@@ -169,4 +189,4 @@ def fit(
     return records
 
 
-__all__ = ["Objective", "accuracy", "broadcast_tensor", "epoch_batches", "fit", "global_sum", "shard_rows"]
+__all__ = ["AugmentedImages", "Objective", "accuracy", "broadcast_tensor", "epoch_batches", "fit", "global_sum", "shard_rows"]

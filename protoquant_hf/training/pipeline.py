@@ -40,7 +40,7 @@ from .codebook import (
 )
 from .features import FeatureCache, extract_features
 from .head import concepts_per_class, fit_linear_probe, limit_concepts_per_class, prune_unused_concepts
-from .loop import Objective, accuracy, broadcast_tensor, fit, global_sum, shard_rows
+from .loop import AugmentedImages, Objective, accuracy, broadcast_tensor, fit, global_sum, shard_rows
 from .objectives import head_loss, mix_batch, stage1_loss, stage2_loss
 
 SUMMARY_FILE = "training_summary.json"
@@ -197,18 +197,25 @@ def train_protoquant(
     model.to(accelerator.device)
 
     tick = time.perf_counter()
+    feature_fn = _feature_fn(model)
     extract = dict(
         accelerator=accelerator,
         dtype=data_args.feature_dtype,
         batch_size=training_args.extraction_batch_size,
         cache_dir=data_args.cache_dir,
-        feature_fn=_feature_fn(model),
+        feature_fn=feature_fn,
     )
     train_cache = extract_features(model, dataset["train"], processor, transform, split="train", **extract)
     test_cache = extract_features(model, dataset["test"], processor, transform, split="test", **extract)
     state.timings.setdefault("feature_extraction_s", time.perf_counter() - tick)
     results, seed = state.results, training_args.seed
     num_classes = len(class_names)
+    # What the training epochs read: the cache, or freshly augmented images run through the backbone.
+    if data_args.augment:
+        augment = make_image_transform(processor, augment_seed=seed + 1000 * accelerator.process_index)
+        train_inputs, pixel_features = AugmentedImages(dataset["train"], augment), feature_fn
+    else:
+        train_inputs, pixel_features = train_cache, None
 
     # Concept initialisation, computed once and broadcast.
     if not state.done("init"):
@@ -272,9 +279,9 @@ def train_protoquant(
         model.codebook.concepts.requires_grad_(True)
         fit(
             accelerator,
-            Objective(model, stage1_loss),
+            Objective(model, _on_inputs(stage1_loss, pixel_features)),
             [{"params": [model.codebook.concepts], "lr": training_args.stage1_lr}],
-            train_cache,
+            train_inputs,
             train_cache.labels,
             epochs=training_args.stage1_epochs,
             batch_size=training_args.batch_size,
@@ -316,7 +323,7 @@ def train_protoquant(
             limit_concepts_per_class(model, min(training_args.top_k_per_class, model.config.num_concepts))
             results["concepts_removed_by_sparsify"] = prune_unused_concepts(model)
         _train_head(
-            accelerator, model, training_args, train_cache, stage, epochs,
+            accelerator, model, training_args, train_cache, train_inputs, pixel_features, stage, epochs,
             start_epoch=state.epoch if resuming else 0,
             restore=restore_if_resuming(stage),
             on_epoch_end=checkpointed(stage),
@@ -390,9 +397,21 @@ def _concept_score_table(model, cache: FeatureCache, batch_size: int = 256) -> t
         )
 
 
-def _train_head(accelerator, model, args: ProtoQuantTrainingArguments, train_cache: FeatureCache, stage: str, epochs: int, **fit_kwargs) -> None:
-    """Stage-2 head training. With frozen concepts and no mixing, the concept scores of every
-    training image are fixed, so they are computed once and the epochs train W on that table."""
+def _on_inputs(loss_fn: Callable, pixel_features: Callable | None) -> Callable:
+    """A feature-map objective as an objective on what the training source yields: feature maps
+    (cache) as they are, or pixels (augmented images) through the frozen backbone first."""
+    if pixel_features is None:
+        return loss_fn
+    return lambda model, pixels, targets: loss_fn(model, pixel_features(pixels), targets)
+
+
+def _train_head(
+    accelerator, model, args: ProtoQuantTrainingArguments, train_cache: FeatureCache, train_inputs,
+    pixel_features: Callable | None, stage: str, epochs: int, **fit_kwargs,
+) -> None:
+    """Stage-2 head training. With frozen concepts and neither mixing nor augmentation, the concept
+    scores of every training image are fixed, so they are computed once and the epochs train W on
+    that table."""
     model.requires_grad_(False)
     model.classifier.weight.requires_grad_(True)
     param_groups = [{"params": [model.classifier.weight], "lr": args.stage2_lr}]
@@ -404,8 +423,9 @@ def _train_head(accelerator, model, args: ProtoQuantTrainingArguments, train_cac
     if args.mixup:
         num_classes = model.config.num_labels
         mixing = lambda inputs, labels, rng: mix_batch(inputs, labels, num_classes, rng=rng)  # noqa: E731
-    if args.train_concepts or args.mixup:
-        inputs, objective = train_cache, Objective(model, lambda m, x, y: stage2_loss(m, x, y, l1))
+    if args.train_concepts or args.mixup or pixel_features is not None:
+        loss = _on_inputs(lambda m, x, y: stage2_loss(m, x, y, l1), pixel_features)
+        inputs, objective = train_inputs, Objective(model, loss)
     else:
         inputs, objective = _concept_score_table(model, train_cache), Objective(model, lambda m, x, y: head_loss(m, x, y, l1))
     fit(
