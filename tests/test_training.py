@@ -263,7 +263,7 @@ def test_augmented_training_runs_the_backbone_on_fresh_pixels(image_folder, back
     import protoquant_hf.training.pipeline as pipeline_module
 
     calls = []
-    original = pipeline_module._feature_fn
+    original = pipeline_module.fast_feature_fn
 
     def counting_feature_fn(model):
         compute = original(model)
@@ -274,7 +274,7 @@ def test_augmented_training_runs_the_backbone_on_fresh_pixels(image_folder, back
 
         return wrapped
 
-    monkeypatch.setattr(pipeline_module, "_feature_fn", counting_feature_fn)
+    monkeypatch.setattr(pipeline_module, "fast_feature_fn", counting_feature_fn)
     data, model, training = run_args(image_folder, backbone_folder, tmp_path / "augmented", stage1_epochs=1, stage2_epochs=1)
     data.augment, data.cache_dir = True, str(tmp_path / "fresh-cache")  # fresh cache: extraction counted too
     summary = train_protoquant(data, model, training)

@@ -14,7 +14,7 @@ from .codebook import (
     spherical_kmeans,
     usage_summary,
 )
-from .features import CachedFeatureDataset, FeatureCache, extract_features
+from .features import CachedFeatureDataset, FeatureCache, extract_features, fast_feature_fn
 from .head import concepts_per_class, fit_linear_probe, limit_concepts_per_class, prune_unused_concepts
 from .objectives import head_loss, l1_penalty, mix_batch, soft_cross_entropy, stage1_loss, stage2_loss
 from .pipeline import train_protoquant
@@ -31,6 +31,7 @@ __all__ = [
     "concept_usage",
     "concepts_per_class",
     "extract_features",
+    "fast_feature_fn",
     "fit_linear_probe",
     "grounding_scores",
     "grounding_summary",

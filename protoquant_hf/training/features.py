@@ -140,6 +140,17 @@ class CachedFeatureDataset(torch.utils.data.Dataset):
         }
 
 
+def fast_feature_fn(model) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The fastest exact way to compute a model's feature maps (pixels → (B, D, H, W)): an optimised
+    inference copy for EfficientNet backbones (the bundled default), `model.forward_features` otherwise."""
+    if model.config.backbone_config.model_type == "efficientnet":
+        from ..fast_backbone import optimize_frozen_backbone
+
+        fast = optimize_frozen_backbone(model.protoquant.backbone)
+        return lambda pixels: fast(pixels).last_hidden_state
+    return model.forward_features
+
+
 def extract_features(
     model,
     dataset: Dataset,
@@ -234,4 +245,11 @@ def extract_features(
     return FeatureCache.open(final)
 
 
-__all__ = ["CachedFeatureDataset", "FeatureCache", "backbone_fingerprint", "cache_key", "extract_features"]
+__all__ = [
+    "CachedFeatureDataset",
+    "FeatureCache",
+    "backbone_fingerprint",
+    "cache_key",
+    "extract_features",
+    "fast_feature_fn",
+]

@@ -38,7 +38,7 @@ from .codebook import (
     prune_by_usage,
     usage_summary,
 )
-from .features import FeatureCache, extract_features
+from .features import FeatureCache, extract_features, fast_feature_fn
 from .head import concepts_per_class, fit_linear_probe, limit_concepts_per_class, prune_unused_concepts
 from .loop import AugmentedImages, Objective, accuracy, broadcast_tensor, fit, global_sum, shard_rows
 from .objectives import head_loss, mix_batch, stage1_loss, stage2_loss
@@ -125,17 +125,6 @@ def _class_names(dataset) -> list[str]:
     return names
 
 
-def _feature_fn(model) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The fastest exact way to compute this model's feature maps for the cache: an optimised
-    inference copy for EfficientNet backbones (the bundled default), the model itself otherwise."""
-    if model.config.backbone_config.model_type == "efficientnet":
-        from ..fast_backbone import optimize_frozen_backbone
-
-        fast = optimize_frozen_backbone(model.protoquant.backbone)
-        return lambda pixels: fast(pixels).last_hidden_state
-    return model.forward_features
-
-
 def _checkpoint_head_matches(model, source: str, class_names: list[str]) -> bool:
     if model.original_head is None:
         return False
@@ -197,7 +186,7 @@ def train_protoquant(
     model.to(accelerator.device)
 
     tick = time.perf_counter()
-    feature_fn = _feature_fn(model)
+    feature_fn = fast_feature_fn(model)
     extract = dict(
         accelerator=accelerator,
         dtype=data_args.feature_dtype,
