@@ -169,21 +169,25 @@ def test_kmeans_needs_enough_vectors():
         spherical_kmeans(torch.randn(20, 4), 50)
 
 
-def test_resume_after_interruption_reaches_same_state(image_folder, backbone_folder, tmp_path):
+@pytest.mark.parametrize("checkpoints_per_stage, stop_after_epoch", [(10, 1), (2, 2)])
+def test_resume_after_interruption_reaches_same_state(image_folder, backbone_folder, tmp_path, checkpoints_per_stage, stop_after_epoch):
     reference = tmp_path / "reference"
     train_protoquant(*run_args(image_folder, backbone_folder, reference))
 
     interrupted = tmp_path / "interrupted"
 
     def stop(stage, epoch):
-        if stage == "stage2" and epoch == 1:
+        if stage == "stage2" and epoch == stop_after_epoch:
             raise KeyboardInterrupt
 
+    # With 2 checkpoints per 4-epoch stage, the run stops after epoch 3 but resumes from epoch 2.
+    args = run_args(image_folder, backbone_folder, interrupted, checkpoints_per_stage=checkpoints_per_stage)
     with pytest.raises(KeyboardInterrupt):
-        train_protoquant(*run_args(image_folder, backbone_folder, interrupted), on_epoch_end=stop)
+        train_protoquant(*args, on_epoch_end=stop)
     assert not interrupted.exists()  # no half-written output folder
-    assert (tmp_path / ".interrupted.incomplete" / "progress.json").exists()
-    train_protoquant(*run_args(image_folder, backbone_folder, interrupted, resume=True))
+    progress = json.loads((tmp_path / ".interrupted.incomplete" / "progress.json").read_text())
+    assert (progress["phase"], progress["epoch"]) == ("stage2", 2)
+    train_protoquant(*run_args(image_folder, backbone_folder, interrupted, resume=True, checkpoints_per_stage=checkpoints_per_stage))
     expected = ProtoQuantForImageClassification.from_pretrained(reference)
     resumed = ProtoQuantForImageClassification.from_pretrained(interrupted)
     torch.testing.assert_close(resumed.classifier.weight, expected.classifier.weight)

@@ -76,6 +76,10 @@ class ProtoQuantTrainingArguments:
     resume: bool = field(
         default=False, metadata={"help": "Continue an interrupted run of the same output_dir from its last checkpoint."}
     )
+    checkpoints_per_stage: int = field(
+        default=10,
+        metadata={"help": "Checkpoints (for --resume) written per training stage, at evenly spaced epochs and the last."},
+    )
     seed: int = field(default=42, metadata={"help": "Seed for sampling, k-means, shuffling and mixing."})
     batch_size: int = field(default=256, metadata={"help": "Batch size (per process) of both training stages."})
     extraction_batch_size: int = field(default=64, metadata={"help": "Images per backbone forward pass."})
@@ -149,6 +153,8 @@ class ProtoQuantTrainingArguments:
             self.top_k_per_class = None
         if self.top_k_per_class is not None and self.top_k_per_class < 0:
             raise ValueError(f"--top_k_per_class must be >= 1 (or 0 to skip), got {self.top_k_per_class}.")
+        if self.checkpoints_per_stage < 1:
+            raise ValueError(f"--checkpoints_per_stage must be >= 1, got {self.checkpoints_per_stage}.")
         if self.batch_size < 1:
             raise ValueError(f"--batch_size must be >= 1, got {self.batch_size}.")
 

@@ -13,6 +13,7 @@ output folder, and ``--resume`` continues an interrupted one from its last epoch
 from __future__ import annotations
 
 import json
+import math
 import platform
 import shutil
 import time
@@ -247,10 +248,15 @@ def train_protoquant(
         state.timings["probe_s"] = time.perf_counter() - tick
         state.save(model, "stage1", 0)
 
-    def checkpointed(stage: str):
+    def checkpointed(stage: str, epochs: int):
+        # Evenly spaced epochs (and always the last): a checkpoint writes the whole model, which
+        # costs more than a stage-2 epoch on precomputed scores. Epoch-based, so every process agrees.
+        every = max(1, math.ceil(epochs / training_args.checkpoints_per_stage))
+
         def hook(epoch: int, record: dict) -> None:
             state.log.append(record)
-            state.save(model, stage, epoch + 1, with_optimizer=True)
+            if (epoch + 1) % every == 0 or epoch + 1 == epochs:
+                state.save(model, stage, epoch + 1, with_optimizer=True)
             if on_epoch_end is not None:
                 on_epoch_end(stage, epoch)
 
@@ -279,7 +285,7 @@ def train_protoquant(
             desc="stage1",
             start_epoch=state.epoch if state.phase == "stage1" else 0,
             restore=restore_if_resuming("stage1"),
-            on_epoch_end=checkpointed("stage1"),
+            on_epoch_end=checkpointed("stage1", training_args.stage1_epochs),
         )
         model.codebook.concepts.requires_grad_(False)
         state.timings["stage1_s"] = state.timings.get("stage1_s", 0.0) + time.perf_counter() - tick
@@ -315,7 +321,7 @@ def train_protoquant(
             accelerator, model, training_args, train_cache, train_inputs, pixel_features, stage, epochs,
             start_epoch=state.epoch if resuming else 0,
             restore=restore_if_resuming(stage),
-            on_epoch_end=checkpointed(stage),
+            on_epoch_end=checkpointed(stage, epochs),
         )
         state.timings[f"{stage}_s"] = state.timings.get(f"{stage}_s", 0.0) + time.perf_counter() - tick
         results[f"{stage}_accuracy"] = accuracy(
