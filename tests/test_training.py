@@ -258,9 +258,9 @@ def test_two_processes_match_one_process(image_folder, backbone_folder, tmp_path
         assert abs(summary_two["results"][key] - summary_one["results"][key]) <= 0.005, key
     model_one = ProtoQuantForImageClassification.from_pretrained(tmp_path / "one")
     model_two = ProtoQuantForImageClassification.from_pretrained(tmp_path / "two")
-    # Same updates up to float summation order (Adam magnifies that on near-zero gradients); the
-    # largest possible Adam move over these 12 steps is 12 x lr = 6e-3.
-    torch.testing.assert_close(model_two.codebook.concepts, model_one.codebook.concepts, rtol=1e-3, atol=1e-3)
+    # Same updates (and learning-rate schedule) up to float summation order.
+    torch.testing.assert_close(model_two.codebook.concepts, model_one.codebook.concepts, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(model_two.classifier.weight, model_one.classifier.weight, rtol=1e-3, atol=1e-3)
 
 
 def test_augmented_training_runs_the_backbone_on_fresh_pixels(image_folder, backbone_folder, tmp_path, monkeypatch):

@@ -69,6 +69,13 @@ def epoch_batches(num_rows: int, batch_size: int, epoch: int, seed: int, acceler
     return [padded[step * global_batch : (step + 1) * global_batch][accelerator.process_index :: processes] for step in range(steps)]
 
 
+def take_rows(inputs, labels, index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows `index` of a training source: a FeatureCache / AugmentedImages, or in-memory tensors."""
+    if hasattr(inputs, "batches"):
+        return next(inputs.batches(len(index), index))
+    return inputs[index], torch.as_tensor(labels)[index]
+
+
 def shard_rows(num_rows: int, accelerator: Accelerator) -> np.ndarray:
     """Disjoint rows of this process for evaluation and counting (summed across processes)."""
     return np.arange(accelerator.process_index, num_rows, accelerator.num_processes)
@@ -98,10 +105,7 @@ def accuracy(
     correct = torch.zeros(2, dtype=torch.long)
     for start in range(0, len(rows), batch_size):
         index = rows[start : start + batch_size]
-        if hasattr(inputs, "batches"):
-            batch, targets = next(inputs.batches(len(index), index))
-        else:
-            batch, targets = inputs[index], torch.as_tensor(labels)[index]
+        batch, targets = take_rows(inputs, labels, index)
         logits = predict(batch.to(accelerator.device)).cpu()
         correct += torch.tensor([int((logits.argmax(-1) == targets).sum()), len(index)])
     correct = global_sum(accelerator, correct)
@@ -143,13 +147,14 @@ def fit(
     num_rows = len(labels)
     steps_per_epoch = math.ceil(num_rows / (batch_size * accelerator.num_processes))
     optimizer = torch.optim.Adam(param_groups)
-    total = steps_per_epoch * epochs
+    # A prepared scheduler is stepped once per process at every optimizer step (Accelerate's
+    # convention for per-process data loaders), so the schedule is laid out in those units.
+    total = steps_per_epoch * epochs * accelerator.num_processes
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(warmup_ratio * total), total)
     prepared, optimizer, scheduler = accelerator.prepare(objective, optimizer, scheduler)
     if restore is not None:
         restore()
     records = []
-    labels = torch.as_tensor(labels)
     try:
         for epoch in range(start_epoch, epochs):
             prepared.train()
@@ -158,10 +163,7 @@ def fit(
             rng = np.random.default_rng([seed, epoch, accelerator.process_index])
             bar = tqdm(batches, desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False, disable=not accelerator.is_local_main_process)
             for index in bar:
-                if hasattr(inputs, "batches"):
-                    batch, targets = next(inputs.batches(len(index), index))
-                else:
-                    batch, targets = inputs[index], labels[index]
+                batch, targets = take_rows(inputs, labels, index)
                 batch, targets = batch.to(accelerator.device), targets.to(accelerator.device)
                 if transform_batch is not None:
                     batch, targets = transform_batch(batch, targets, rng)
@@ -189,4 +191,14 @@ def fit(
     return records
 
 
-__all__ = ["AugmentedImages", "Objective", "accuracy", "broadcast_tensor", "epoch_batches", "fit", "global_sum", "shard_rows"]
+__all__ = [
+    "AugmentedImages",
+    "Objective",
+    "accuracy",
+    "broadcast_tensor",
+    "epoch_batches",
+    "fit",
+    "global_sum",
+    "shard_rows",
+    "take_rows",
+]
