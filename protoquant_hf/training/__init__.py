@@ -14,14 +14,13 @@ from .codebook import (
     spherical_kmeans,
     usage_summary,
 )
-from .features import CachedFeatureDataset, FeatureCache, extract_features, fast_feature_fn
+from .features import FeatureCache, extract_features, fast_feature_fn
 from .head import concepts_per_class, fit_linear_probe, limit_concepts_per_class, prune_unused_concepts
 from .objectives import head_loss, l1_penalty, mix_batch, soft_cross_entropy, stage1_loss, stage2_loss
 from .pipeline import train_protoquant
 from .trainer import ProtoQuantTrainer, compute_accuracy, prepare_trainer_datasets
 
 __all__ = [
-    "CachedFeatureDataset",
     "DataArguments",
     "FeatureCache",
     "ModelArguments",

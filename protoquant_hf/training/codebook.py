@@ -100,6 +100,8 @@ def initialize_concepts(
             for reproduction).
         max_vectors: sample size bounding the k-means cost on large datasets.
     """
+    if method not in CONCEPT_INITS:
+        raise ValueError(f"Unknown concept init {method!r}; choose one of {', '.join(CONCEPT_INITS)}.")
     concepts = model.codebook.concepts
     num_concepts = concepts.shape[0]
     if method == "orthogonal":
@@ -128,12 +130,8 @@ def initialize_concepts(
             if share > 0:
                 parts.append(spherical_kmeans(members, share, kmeans_iterations, seed)[0])
         centroids = torch.cat(parts)
-    elif method == "samples":
-        if num_concepts > len(vectors):
-            raise ValueError(f"Cannot sample K={num_concepts} concepts from {len(vectors)} non-zero feature vectors.")
+    else:  # samples
         centroids = vectors[torch.randperm(len(vectors), generator=torch.Generator().manual_seed(seed))[:num_concepts]]
-    else:
-        raise ValueError(f"Unknown concept init {method!r}; choose one of {', '.join(CONCEPT_INITS)}.")
     concepts.data.copy_(centroids.to(concepts))
 
 

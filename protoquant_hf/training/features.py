@@ -82,19 +82,12 @@ class FeatureCache:
     def __len__(self) -> int:
         return len(self.labels)
 
-    @property
-    def hidden_size(self) -> int:
-        return self.features.shape[1]
-
     def batches(self, batch_size: int, indices: np.ndarray | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield (feature maps float32 (B, D, H, W), labels (B,)) in the given row order."""
         order = np.arange(len(self)) if indices is None else indices
         for start in range(0, len(order), batch_size):
             rows = np.sort(order[start : start + batch_size])  # sorted reads are sequential on disk
             yield torch.from_numpy(np.asarray(self.features[rows], dtype=np.float32)), torch.from_numpy(self.labels[rows])
-
-    def torch_dataset(self) -> "CachedFeatureDataset":
-        return CachedFeatureDataset(self)
 
     def pooled(self, batch_size: int = 1024) -> torch.Tensor:
         """Global-average-pooled features (N, D), the input of a linear probe."""
@@ -122,22 +115,6 @@ class FeatureCache:
             vectors.append(flat[selected])
             labels.append(flat_labels[selected])
         return torch.cat(vectors), torch.cat(labels)
-
-
-class CachedFeatureDataset(torch.utils.data.Dataset):
-    """A FeatureCache as a map-style dataset of {"feature_maps", "labels"} items."""
-
-    def __init__(self, cache: FeatureCache):
-        self.cache = cache
-
-    def __len__(self) -> int:
-        return len(self.cache)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {
-            "feature_maps": torch.from_numpy(np.asarray(self.cache.features[index], dtype=np.float32)),
-            "labels": torch.tensor(int(self.cache.labels[index])),
-        }
 
 
 def fast_feature_fn(model) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -246,7 +223,6 @@ def extract_features(
 
 
 __all__ = [
-    "CachedFeatureDataset",
     "FeatureCache",
     "backbone_fingerprint",
     "cache_key",

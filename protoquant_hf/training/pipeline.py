@@ -28,7 +28,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from transformers import AutoConfig, AutoImageProcessor
 
-from ..data import load_image_dataset, make_image_transform, with_image_size
+from ..data import load_image_dataset, make_image_transform, to_rgb, with_image_size
 from ..modeling_protoquant import ProtoQuantForImageClassification, resolve_backbone
 from .arguments import DataArguments, ModelArguments, ProtoQuantTrainingArguments
 from .codebook import (
@@ -119,6 +119,18 @@ class RunState:
         accelerator.wait_for_everyone()
 
 
+def load_dataset_for(data_args: DataArguments):
+    """The dataset a run with these arguments trains and evaluates on."""
+    return load_image_dataset(
+        data_args.dataset,
+        image_column=data_args.image_column,
+        label_column=data_args.label_column,
+        bad_images=data_args.bad_images,
+        max_samples_per_split=data_args.max_samples_per_split,
+        **({"name": data_args.dataset_config} if data_args.dataset_config else {}),
+    )
+
+
 def _class_names(dataset) -> list[str]:
     names = dataset["train"].features["label"].names
     if len(names) < 2:
@@ -151,14 +163,7 @@ def train_protoquant(
     set_seed(training_args.seed)
     started = time.perf_counter()
 
-    dataset = load_image_dataset(
-        data_args.dataset,
-        image_column=data_args.image_column,
-        label_column=data_args.label_column,
-        bad_images=data_args.bad_images,
-        max_samples_per_split=data_args.max_samples_per_split,
-        **({"name": data_args.dataset_config} if data_args.dataset_config else {}),
-    )
+    dataset = load_dataset_for(data_args)
     class_names = _class_names(dataset)
     source = resolve_backbone(model_args.backbone)
     processor = with_image_size(AutoImageProcessor.from_pretrained(source), data_args.image_size)
@@ -268,6 +273,7 @@ def train_protoquant(
         return None
 
     # Stage 1: codebook learning through the frozen original head.
+    stage1_usage = None
     if not state.done("stage1"):
         tick = time.perf_counter()
         model.requires_grad_(False)
@@ -290,13 +296,15 @@ def train_protoquant(
         model.codebook.concepts.requires_grad_(False)
         state.timings["stage1_s"] = state.timings.get("stage1_s", 0.0) + time.perf_counter() - tick
         results["stage1_accuracy"] = accuracy(accelerator, lambda x: model.forward_quantized(x).logits, test_cache, test_cache.labels)
-        results["stage1_usage"] = usage_summary(_global_usage(accelerator, model, train_cache))
+        stage1_usage = _global_usage(accelerator, model, train_cache)
+        results["stage1_usage"] = usage_summary(stage1_usage)
         state.save(model, "prune", 0)
 
     # Dead concepts and usage-based pruning.
     if not state.done("prune"):
         if training_args.drop_dead_concepts:
-            usage = _global_usage(accelerator, model, train_cache)
+            # The counts of the stage-1 block above, unless this run resumed right at this phase.
+            usage = stage1_usage if stage1_usage is not None else _global_usage(accelerator, model, train_cache)
             if (usage > 0).sum() < len(usage):
                 model.prune_concepts(usage > 0)
         if training_args.prune_to is not None and training_args.prune_to < model.config.num_concepts:
@@ -440,14 +448,11 @@ def check_saved_model(output_dir: str | Path, data_args: DataArguments, num_imag
     `pipeline("image-classification")`) and check both agree on a few test images."""
     from transformers import AutoModelForImageClassification, pipeline
 
-    dataset = load_image_dataset(data_args.dataset, image_column=data_args.image_column, label_column=data_args.label_column,
-                                 max_samples_per_split=data_args.max_samples_per_split)
+    dataset = load_dataset_for(data_args)
     images = [row["image"] for row in dataset["test"].select(range(min(num_images, len(dataset["test"]))))]
     model = AutoModelForImageClassification.from_pretrained(output_dir).eval()
     processor = AutoImageProcessor.from_pretrained(output_dir)
     classify = pipeline("image-classification", model=model, image_processor=processor)
-    from ..data import to_rgb
-
     with torch.no_grad():
         direct = model(**processor(images=[to_rgb(image) for image in images], return_tensors="pt")).logits.argmax(-1)
     via_pipeline = [classify(to_rgb(image), top_k=1)[0]["label"] for image in images]
