@@ -18,22 +18,25 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from protoquant_hf.training import DataArguments, ModelArguments, ProtoQuantTrainingArguments, train_protoquant
+from protoquant_hf.training import (
+    DataArguments,
+    ModelArguments,
+    ProtoQuantTrainingArguments,
+    TrainingSummary,
+    train_protoquant,
+)
 
 
-def row(name: str, dataset: str, summary: dict, accuracy_key: str) -> str:
-    results, args, model = summary["results"], summary["arguments"]["training"], summary["arguments"]["model"]
-    probe = results["linear_probe_accuracy"]
-    accuracy = results.get(accuracy_key)
-    per_class = results.get(f"{accuracy_key.removesuffix('_accuracy')}_concepts_per_class") or {}
-    grounding = results["grounding"]
-    sparsified = accuracy_key == "sparsify_accuracy"
-    epochs = f"{args['stage1_epochs']}/{args['stage2_epochs']}" + (f"/{args['sparsify_epochs']}" if sparsified else "")
-    num_concepts = results["num_concepts"] if sparsified else results["num_concepts_after_pruning"]
-    cpc = f"{per_class['mean']:.1f} (max {per_class['max']})" if per_class else "-"
+def row(name: str, dataset: str, summary: TrainingSummary, phase: str) -> str:
+    args, model = summary.arguments["training"], summary.arguments["model"]
+    head = summary.phases[phase]
+    probe = summary.linear_probe_accuracy
+    grounding = summary.grounding
+    epochs = f"{args['stage1_epochs']}/{args['stage2_epochs']}" + (f"/{args['sparsify_epochs']}" if phase == "sparsify" else "")
+    per_class = head.concepts_per_class
     return (
-        f"| {dataset} | {name} | {accuracy:.4f} | {accuracy / probe:.3f} | {cpc} | {grounding['grounding_mean']:.3f} / "
-        f"{grounding['grounding_min']:.3f} | {num_concepts} | {args['l1_lambda']:g} | {model['temperature']:g} | {epochs} |"
+        f"| {dataset} | {name} | {head.accuracy:.4f} | {head.accuracy / probe:.3f} | {per_class.mean:.1f} (max {per_class.max}) "
+        f"| {grounding.mean:.3f} / {grounding.min:.3f} | {head.num_concepts} | {args['l1_lambda']:g} | {model['temperature']:g} | {epochs} |"
     )
 
 
@@ -43,20 +46,31 @@ HEADER = (
 )
 
 
-def table(raw: dict) -> str:
+def table(raw: dict[str, dict[str, TrainingSummary]]) -> str:
     lines = [HEADER]
     for dataset, runs in raw.items():
         frozen, finetuned = runs["frozen"], runs["finetuned"]
-        probe = frozen["results"]["linear_probe_accuracy"]
-        stage1 = frozen["results"]["stage1_accuracy"]
-        stage1_epochs = frozen["arguments"]["training"]["stage1_epochs"]
+        probe = frozen.linear_probe_accuracy
+        stage1 = frozen.phases["stage1"]
         lines.append(f"| {dataset} | linear probe (dense, pooled features) | {probe:.4f} | 1.000 | dense | - | - | - | - | - |")
-        lines.append(f"| {dataset} | stage 1 (quantized, frozen probe head) | {stage1:.4f} | {stage1 / probe:.3f} | - | - | - | - | - | {stage1_epochs} |")
-        lines.append(row("ProtoQuant, frozen concepts", dataset, frozen, "stage2_accuracy"))
-        lines.append(row("ProtoQuant, frozen concepts, top-k", dataset, frozen, "sparsify_accuracy"))
-        lines.append(row("ProtoQuant, fine-tuned concepts", dataset, finetuned, "stage2_accuracy"))
-        lines.append(row("ProtoQuant, fine-tuned concepts, top-k", dataset, finetuned, "sparsify_accuracy"))
+        lines.append(
+            f"| {dataset} | stage 1 (quantized, frozen probe head) | {stage1.accuracy:.4f} | {stage1.accuracy / probe:.3f} "
+            f"| - | - | - | - | - | {stage1.epochs} |"
+        )
+        lines.append(row("ProtoQuant, frozen concepts", dataset, frozen, "stage2"))
+        lines.append(row("ProtoQuant, frozen concepts, top-k", dataset, frozen, "sparsify"))
+        lines.append(row("ProtoQuant, fine-tuned concepts", dataset, finetuned, "stage2"))
+        lines.append(row("ProtoQuant, fine-tuned concepts, top-k", dataset, finetuned, "sparsify"))
     return "\n".join(lines)
+
+
+def _load(path: str) -> dict[str, dict[str, TrainingSummary]]:
+    raw = json.loads(Path(path).read_text())
+    return {dataset: {name: TrainingSummary.from_dict(summary) for name, summary in runs.items()} for dataset, runs in raw.items()}
+
+
+def _dump(raw: dict[str, dict[str, TrainingSummary]]) -> str:
+    return json.dumps({dataset: {name: s.to_dict() for name, s in runs.items()} for dataset, runs in raw.items()}, indent=2)
 
 
 def main() -> None:
@@ -69,7 +83,7 @@ def main() -> None:
     parser.add_argument("--from-json", default=None, help="only render the table of a previous --json file")
     args = parser.parse_args()
     if args.from_json:
-        print(table(json.loads(Path(args.from_json).read_text())))
+        print(table(_load(args.from_json)))
         return
 
     raw = {}
@@ -87,7 +101,7 @@ def main() -> None:
         raw[dataset] = {"frozen": frozen, "finetuned": finetuned}
         print(table(raw), flush=True)
         if args.json:
-            Path(args.json).write_text(json.dumps(raw, indent=2))
+            Path(args.json).write_text(_dump(raw))
 
 
 if __name__ == "__main__":

@@ -18,16 +18,18 @@ import time
 import torch
 
 from protoquant_hf import ProtoQuantForImageClassification, load_image_dataset, resolve_backbone
+from protoquant_hf.concepts import extract_features
 from protoquant_hf.data import collate_fn, make_image_transform, with_image_size
-from protoquant_hf.training import extract_features, fast_feature_fn, head_loss, stage2_loss
 from transformers import AutoImageProcessor
 
 
-def train_epoch(model, batches, loss_fn) -> float:
+def train_epoch(model, batches, input_name: str) -> float:
+    """One stage-2 epoch through the model's own forward and loss (training mode: CE + λ·ΣReLU(W))."""
     optimizer = torch.optim.Adam([model.classifier.weight], lr=0.1)
+    model.train()
     start = time.perf_counter()
     for inputs, labels in batches():
-        loss, _ = loss_fn(inputs, labels)
+        loss = model(**{input_name: inputs}, labels=labels).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -49,13 +51,11 @@ def main() -> None:
     transform = make_image_transform(processor)
     names = dataset.features["label"].names
     model = ProtoQuantForImageClassification.from_backbone(
-        args.backbone, num_concepts=args.num_concepts, id2label=dict(enumerate(names)), image_size=args.image_size
+        args.backbone, num_concepts=args.num_concepts, id2label=dict(enumerate(names)), image_size=args.image_size,
+        head_l1_lambda=1e-4,
     )
-    features_of = fast_feature_fn(model)  # the fastest exact backbone path, as the training job uses
-    cache = extract_features(
-        model, dataset, processor, transform, split="bench-train", batch_size=args.batch_size, feature_fn=features_of
-    )
-    l1 = 1e-4
+    model.use_fast_backbone()  # the fastest exact backbone path, as the training job uses
+    cache = extract_features(model, dataset, processor, transform, split="bench-train", batch_size=args.batch_size)
 
     pixels = dataset.with_transform(transform)
     loader = torch.utils.data.DataLoader(pixels, batch_size=args.batch_size, collate_fn=collate_fn)
@@ -65,7 +65,7 @@ def main() -> None:
             yield batch["pixel_values"], batch["labels"]
 
     with torch.no_grad():
-        scores = torch.cat([model.forward_concepts(f).concept_scores for f, _ in cache.batches(args.batch_size)])
+        scores = torch.cat([model(feature_maps=f).concept_scores for f, _ in cache.batches(args.batch_size)])
     labels = torch.from_numpy(cache.labels)
 
     def score_batches():
@@ -73,11 +73,9 @@ def main() -> None:
             yield scores[start : start + args.batch_size], labels[start : start + args.batch_size]
 
     timings = {
-        "recompute": train_epoch(
-            model, recompute_batches, lambda x, y: stage2_loss(model, features_of(x), y, l1)
-        ),
-        "cache": train_epoch(model, lambda: cache.batches(args.batch_size), lambda x, y: stage2_loss(model, x, y, l1)),
-        "scores": train_epoch(model, score_batches, lambda x, y: head_loss(model, x, y, l1)),
+        "recompute": train_epoch(model, recompute_batches, "pixel_values"),
+        "cache": train_epoch(model, lambda: cache.batches(args.batch_size), "feature_maps"),
+        "scores": train_epoch(model, score_batches, "concept_scores"),
     }
     print(f"{len(dataset)} images, {args.image_size} px, batch {args.batch_size}, K={args.num_concepts}, threads={torch.get_num_threads()}")
     for name, seconds in timings.items():

@@ -1,5 +1,9 @@
 """Feature-extraction throughput of a frozen backbone: eager vs `optimize_frozen_backbone` vs ONNX Runtime.
 
+For EfficientNet backbones it also times `ProtoQuantForImageClassification.forward_features` after
+`use_fast_backbone()`: the path the training job, the Trainer and pipelines take (the fast copy behind the
+model's own input checks), which must be as fast as the copy alone.
+
 Default: the bundled EfficientNet-Lite0 on CPU, 128 px, batch 64, 2 threads. Variants run round-robin (one batch
 each per round) so that noise from other processes hits them alike; the median of the rounds is reported, with the
 best round in brackets. ONNX needs the benchmark-only extras `pip install onnxruntime onnx onnxscript`.
@@ -22,6 +26,7 @@ import torch
 from transformers import AutoConfig, AutoModel, ConvNextConfig, EfficientNetModel, ViTConfig
 from transformers.utils import logging
 
+from protoquant_hf import ProtoQuantConfig, ProtoQuantForImageClassification
 from protoquant_hf.bundled_backbones import bundled_backbone_path
 from protoquant_hf.fast_backbone import optimize_frozen_backbone
 
@@ -87,6 +92,11 @@ def main() -> None:
     variants: dict[str, Callable] = {"eager": model}
     if isinstance(model, EfficientNetModel):
         variants["optimized"] = optimize_frozen_backbone(model)
+        config = ProtoQuantConfig(backbone_config=model.config, image_size=args.resolution, id2label={0: "a", 1: "b"})
+        protoquant = ProtoQuantForImageClassification(config).eval().to(args.device)
+        protoquant.protoquant.backbone.load_state_dict(model.state_dict())
+        protoquant.use_fast_backbone()
+        variants["model.forward_features"] = protoquant.forward_features
     if args.device.startswith("cuda"):
 
         def autocast_bf16(x: torch.Tensor):
@@ -121,6 +131,10 @@ def main() -> None:
         print(f"{name:>20}: {throughput[name]:8.1f} img/s  (best {args.batch_size / min(times):.1f})")
     if "optimized" in throughput and "onnxruntime" in throughput:
         print(f"optimized / onnxruntime: {throughput['optimized'] / throughput['onnxruntime']:.2f}")
+    if "model.forward_features" in throughput:
+        print(f"model.forward_features / optimized: {throughput['model.forward_features'] / throughput['optimized']:.2f}")
+        if "onnxruntime" in throughput:
+            print(f"model.forward_features / onnxruntime: {throughput['model.forward_features'] / throughput['onnxruntime']:.2f}")
 
 
 if __name__ == "__main__":

@@ -19,22 +19,29 @@ The defaults run the embedded offline job: bundled EfficientNet-Lite0 + Animal-M
 Writes OUTPUT_DIR with the model, its image processor, training_summary.json and train_log.jsonl."""
 
 
-def _format_summary(summary: dict, output_dir: str, check: dict) -> str:
-    results, timings, data = summary["results"], summary["timings"], summary["dataset"]
-    per_class = results.get("concepts_per_class") or {}
-    grounding = results.get("grounding") or {}
-    rows = [
-        ("dataset", f"{data['name']} ({data['train_size']} train / {data['test_size']} test, {data['image_size']} px)"),
-        ("linear probe accuracy (dense reference)", f"{results['linear_probe_accuracy']:.4f}"),
-        ("stage-1 quantized accuracy", f"{results.get('stage1_accuracy', float('nan')):.4f}"),
-        ("ProtoQuant accuracy", f"{results['accuracy']:.4f}  ({results['accuracy_vs_linear_probe']:.3f} x probe)"),
-        ("concepts (K)", f"{results['num_concepts']}  (dead after stage 1: {results['stage1_usage']['dead_concepts']})"),
-        ("concepts per class (ReLU(W) > 0.1)", f"mean {per_class.get('mean', 0):.1f}, max {per_class.get('max', 0)}"),
-        ("grounding (max cosine to a training feature)", f"mean {grounding.get('grounding_mean', 0):.3f}, min {grounding.get('grounding_min', 0):.3f}"),
-        ("time", f"{timings['total_s']:.0f} s (feature extraction {timings.get('feature_extraction_s', 0):.0f} s)"),
-        ("reloaded with from_pretrained + pipeline", f"{check['agreement']:.0%} agreement on {check['num_images']} test images"),
-        ("output", output_dir),
-    ]
+def format_summary(summary, output_dir: str, check: dict | None = None) -> str:
+    """The end-of-run table of a `TrainingSummary`."""
+    data, phases = summary.dataset, summary.phases
+    rows = [("dataset", f"{data.name} ({data.train_size} train / {data.test_size} test, {data.image_size} px)")]
+    if summary.linear_probe_accuracy is not None:
+        rows.append(("linear probe accuracy (dense reference)", f"{summary.linear_probe_accuracy:.4f}"))
+    if "stage1" in phases:
+        rows.append(("stage-1 quantized accuracy", f"{phases['stage1'].accuracy:.4f}"))
+    if summary.accuracy is not None:
+        ratio = f"  ({summary.accuracy_vs_linear_probe:.3f} x probe)" if summary.accuracy_vs_linear_probe else ""
+        rows.append(("ProtoQuant accuracy", f"{summary.accuracy:.4f}{ratio}"))
+    if summary.num_concepts is not None:
+        dead = f"  (dead after stage 1: {phases['stage1'].usage.dead_concepts})" if "stage1" in phases else ""
+        rows.append(("concepts (K)", f"{summary.num_concepts}{dead}"))
+    if summary.concepts_per_class is not None:
+        per_class = summary.concepts_per_class
+        rows.append((f"concepts per class (ReLU(W) > {per_class.threshold:g})", f"mean {per_class.mean:.1f}, max {per_class.max}"))
+    if summary.grounding is not None:
+        rows.append(("grounding (max cosine to a training feature)", f"mean {summary.grounding.mean:.3f}, min {summary.grounding.min:.3f}"))
+    rows.append(("time", f"{summary.total_s:.0f} s (feature extraction {summary.feature_extraction_s:.0f} s)"))
+    if check is not None:
+        rows.append(("reloaded with from_pretrained + pipeline", f"{check['agreement']:.0%} agreement on {check['num_images']} test images"))
+    rows.append(("output", output_dir))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"  {name.ljust(width)}  {value}" for name, value in rows)
 
@@ -43,7 +50,7 @@ def train(argv: list[str]) -> int:
     from accelerate import PartialState
 
     from .training import DataArguments, ModelArguments, ProtoQuantTrainingArguments, train_protoquant
-    from .training.pipeline import check_saved_model
+    from .training.job import check_saved_model
 
     parser = HfArgumentParser(
         (DataArguments, ModelArguments, ProtoQuantTrainingArguments),
@@ -62,7 +69,7 @@ def train(argv: list[str]) -> int:
     if PartialState().is_main_process:
         check = check_saved_model(training_args.output_dir, data_args)
         print("\nProtoQuant training summary")
-        print(_format_summary(summary, training_args.output_dir, check))
+        print(format_summary(summary, training_args.output_dir, check))
     return 0
 
 

@@ -21,8 +21,6 @@ TOKEN_FAMILIES = ("vit", "deit", "clip_vision_model", "siglip_vision_model")
 CONVNET_FAMILIES = ("efficientnet", "mobilenet_v1", "mobilenet_v2", "regnet")
 SUPPORTED_BACKBONE_FAMILIES = AUTOBACKBONE_FAMILIES + TOKEN_FAMILIES + CONVNET_FAMILIES
 
-CONCEPT_INITS = ("kmeans", "class_kmeans", "samples", "orthogonal")
-
 # The bundled default backbone: EfficientNet-Lite0's architecture expressed as a transformers
 # EfficientNet config (Lite: ReLU6, no squeeze-excite, fixed 32/1280 stem/head widths).
 EFFICIENTNET_LITE0_KWARGS = {
@@ -83,11 +81,12 @@ class ProtoQuantConfig(PreTrainedConfig):
         stage1_head_norm (`bool`, *optional*, defaults to `False`):
             Whether that head applies a LayerNorm after pooling (ConvNeXt-style heads).
         codebook_loss_weight (`float`, *optional*, defaults to 1.0):
-            Weight w of the stage-1 MSE codebook term, L = CE + w·MSE(code, stop_grad(feature)).
-        concept_init (`str`, *optional*, defaults to `"kmeans"`):
-            How training initialises the concepts: `"kmeans"` (spherical k-means on training feature
-            vectors), `"class_kmeans"` (k-means within each class), `"samples"` (random training
-            feature vectors) or `"orthogonal"` (the official code's default, kept for reproduction).
+            Weight w of the stage-1 MSE codebook term, L = CE + w·MSE(code, stop_grad(feature)): the
+            loss of `forward(..., stage="codebook", labels=...)`.
+        head_l1_lambda (`float`, *optional*, defaults to 1e-4):
+            λ of the stage-2 sparsity term: in training mode, `forward(..., labels=...)` returns
+            CE + λ·ΣReLU(W), so the stock `transformers.Trainer` trains the head with the stage-2
+            objective. Evaluation losses are the plain CE.
         initializer_range (`float`, *optional*, defaults to 0.02):
             Std of the normal init of the stage-1 head.
         backbone_name (`str`, *optional*):
@@ -110,8 +109,24 @@ class ProtoQuantConfig(PreTrainedConfig):
             config_class=AutoConfig, model_type="efficientnet", init_kwargs=EFFICIENTNET_LITE0_KWARGS
         )
     }
-    # The Trainer's evaluation loop must see only the logits (hf-integration.md §7.1).
-    keys_to_ignore_at_inference = ["concept_scores", "activation_maps", "similarity_maps"]
+    # The Trainer's evaluation loop must see only the logits (hf-integration.md §7.1): every other
+    # output field either model can return.
+    keys_to_ignore_at_inference = [
+        "concept_scores",
+        "activation_maps",
+        "similarity_maps",
+        "feature_maps",
+        "concept_contributions",
+        "sparsity_loss",
+        "codebook_loss",
+        "concept_indices",
+        "hidden_states",
+        "attentions",
+    ]
+    # Backbone config keys that say where the backbone came from or what its own classifier
+    # predicted: a local cache path and (for ImageNet backbones) 1 000 label names, meaningless for
+    # this model. `backbone_name` keeps the provenance.
+    _BACKBONE_KEYS_NOT_SAVED = ("_name_or_path", "id2label", "label2id")
 
     backbone_config: dict | PreTrainedConfig | None = None
     backbone_feature_layer: int = -1
@@ -122,7 +137,7 @@ class ProtoQuantConfig(PreTrainedConfig):
     stage1_head_num_labels: int = 0
     stage1_head_norm: bool = False
     codebook_loss_weight: float = 1.0
-    concept_init: str = "kmeans"
+    head_l1_lambda: float = 1e-4
     initializer_range: float = 0.02
     backbone_name: str | None = None
 
@@ -144,18 +159,26 @@ class ProtoQuantConfig(PreTrainedConfig):
     def validate_concepts(self):
         if self.num_concepts < 1:
             raise ValueError(f"num_concepts must be >= 1, got {self.num_concepts}.")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}.")
+        if not 0 < self.temperature < float("inf"):
+            raise ValueError(f"temperature must be finite and > 0, got {self.temperature}.")
         if not self.cosine_eps > 0:
             raise ValueError(f"cosine_eps must be > 0, got {self.cosine_eps}.")
         if self.image_size < 1:
             raise ValueError(f"image_size must be >= 1, got {self.image_size}.")
         if self.stage1_head_num_labels < 0:
             raise ValueError(f"stage1_head_num_labels must be >= 0, got {self.stage1_head_num_labels}.")
-        if self.codebook_loss_weight < 0:
-            raise ValueError(f"codebook_loss_weight must be >= 0, got {self.codebook_loss_weight}.")
-        if self.concept_init not in CONCEPT_INITS:
-            raise ValueError(f"concept_init must be one of {CONCEPT_INITS}, got {self.concept_init!r}.")
+        if not 0 <= self.codebook_loss_weight < float("inf"):
+            raise ValueError(f"codebook_loss_weight must be finite and >= 0, got {self.codebook_loss_weight}.")
+        if not 0 <= self.head_l1_lambda < float("inf"):
+            raise ValueError(f"head_l1_lambda must be finite and >= 0, got {self.head_l1_lambda}.")
+
+    def to_dict(self) -> dict:
+        output = super().to_dict()
+        backbone = output.get("backbone_config")
+        if isinstance(backbone, dict):
+            for key in self._BACKBONE_KEYS_NOT_SAVED:
+                backbone.pop(key, None)
+        return output
 
 
 __all__ = ["ProtoQuantConfig", "SUPPORTED_BACKBONE_FAMILIES", "backbone_kind"]

@@ -10,7 +10,9 @@ below refer to the project's method spec):
           ──s · ReLU(W)ᵀ──▶ logits (B, C)                                     §3.7
 
 Stage-1 codebook training instead replaces every feature vector by its nearest concept and feeds
-the result to the backbone's own frozen classifier head (§3.8); `forward_quantized` implements it.
+the result to the backbone's own frozen classifier head (§3.8): `forward(..., stage="codebook")`.
+Every consumer (training, the Trainer, pipelines, explanations, metrics) goes through the same
+`forward`, from pixels, cached feature maps or cached concept scores.
 
 The file is self-contained (torch + transformers + the sibling configuration module) so that a
 saved folder loads as Hub remote code with ``trust_remote_code=True``.
@@ -18,6 +20,7 @@ saved folder loads as Hub remote code with ``trust_remote_code=True``.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,8 +31,13 @@ from transformers import AutoConfig, AutoModel, AutoModelForImageClassification,
 from transformers import initialization as init
 from transformers.models.auto.modeling_auto import MODEL_FOR_BACKBONE_MAPPING, MODEL_MAPPING
 from transformers.utils import ModelOutput
+from transformers.utils import logging as hf_logging
+from transformers.utils.generic import can_return_tuple
 
 from .configuration_protoquant import ProtoQuantConfig, backbone_kind
+
+# What `set_trainable` and `forward(stage=...)` accept: stage 2 (the concept→class head) and stage 1.
+TRAINING_STAGES = ("head", "codebook")
 
 # Short names (e.g. a bundled offline backbone) → a function returning a loadable name or folder.
 _BACKBONE_ALIASES: dict[str, Callable[[str], str]] = {}
@@ -38,6 +46,21 @@ _BACKBONE_ALIASES: dict[str, Callable[[str], str]] = {}
 _POOLED_NORM_FAMILIES = ("convnext", "convnextv2")
 # Families that build a pooler we never use unless told not to.
 _NO_POOLER_FAMILIES = ("vit", "deit")
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers' warnings (e.g. load reports) and progress bars ("Loading weights", "Writing model
+    shards") off around internal loads and saves; errors still raise."""
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def register_backbone_alias(name: str, resolver: Callable[[str], str]) -> None:
@@ -67,41 +90,57 @@ class ProtoQuantModelOutput(ModelOutput):
             when `output_similarity_maps=True`.
         feature_maps (`torch.FloatTensor` of shape `(batch_size, hidden_size, height, width)`, *optional*):
             The frozen backbone's feature map z. Returned when `output_feature_maps=True`.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*):
+            The backbone's hidden states, when `output_hidden_states=True` and the backbone returns them.
+        attentions (`tuple(torch.FloatTensor)`, *optional*):
+            The backbone's attention weights, when `output_attentions=True` and the backbone returns them.
     """
 
     concept_scores: torch.FloatTensor | None = None
     activation_maps: torch.FloatTensor | None = None
     similarity_maps: torch.FloatTensor | None = None
     feature_maps: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 @dataclass
 class ProtoQuantImageClassifierOutput(ModelOutput):
-    """Output of [`ProtoQuantForImageClassification`].
+    """Output of [`ProtoQuantForImageClassification`] (stage 2, the interpretable head).
 
     Args:
         loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` is provided):
-            Cross-entropy of the logits.
+            The task loss for `config.problem_type` (cross-entropy for class indices), plus
+            `sparsity_loss` in training mode.
         logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`):
-            s · ReLU(W)ᵀ, non-negative evidence per class.
+            s · ReLU(W)ᵀ, non-negative evidence per class (no bias).
         concept_scores (`torch.FloatTensor` of shape `(batch_size, num_concepts)`):
             Presence score of every concept (see [`ProtoQuantModelOutput`]).
-        activation_maps (`torch.FloatTensor` of shape `(batch_size, num_concepts, height, width)`, *optional*):
-            Softmax-over-concepts maps p; only with `output_activation_maps=True`.
-        similarity_maps (`torch.FloatTensor` of shape `(batch_size, num_concepts, height, width)`, *optional*):
-            Raw cosine maps m; only with `output_similarity_maps=True`.
+        concept_contributions (`torch.FloatTensor` of shape `(batch_size, num_labels, num_concepts)`, *optional*):
+            s_k · ReLU(W)_ck, what each concept adds to each class logit; summed over concepts it is
+            the logits. Returned when `output_concept_contributions=True`.
+        sparsity_loss (`torch.FloatTensor` of shape `()`, *optional*):
+            λ·ΣReLU(W) with λ = `config.head_l1_lambda`; returned in training mode when λ > 0.
+        activation_maps / similarity_maps / feature_maps / hidden_states / attentions (*optional*):
+            As in [`ProtoQuantModelOutput`], each only when requested.
     """
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     concept_scores: torch.FloatTensor | None = None
+    concept_contributions: torch.FloatTensor | None = None
+    sparsity_loss: torch.FloatTensor | None = None
     activation_maps: torch.FloatTensor | None = None
     similarity_maps: torch.FloatTensor | None = None
+    feature_maps: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 @dataclass
 class ProtoQuantQuantizedOutput(ModelOutput):
-    """Stage-1 forward: features replaced by their nearest concepts, through the frozen original head.
+    """Stage 1 (`forward(..., stage="codebook")`): features replaced by their nearest concepts,
+    through the frozen original head.
 
     Args:
         loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` is provided):
@@ -140,27 +179,48 @@ def cosine_similarity_maps(features: torch.Tensor, concepts: torch.Tensor, eps: 
 
 
 class ProtoQuantCodebook(nn.Module):
-    """The K concept vectors, living in the backbone's own feature space (no projection, §3.2)."""
+    """The K concept vectors, living in the backbone's own feature space (no projection, §3.2).
+
+    τ and ε are read from the config at every call, so editing `config.temperature` takes effect.
+    """
 
     def __init__(self, config: ProtoQuantConfig, hidden_size: int):
         super().__init__()
-        self.temperature = config.temperature
-        self.eps = config.cosine_eps
-        # Frozen unless training asks otherwise: fine-tuning concepts in stage 2 destroys their
-        # grounding in real training features (method §13).
+        self.config = config
+        # Frozen unless a training stage asks otherwise (`set_trainable`): fine-tuning concepts in
+        # stage 2 destroys their grounding in real training features (method §13).
         self.concepts = nn.Parameter(torch.empty(config.num_concepts, hidden_size), requires_grad=False)
+
+    def similarity(self, features: torch.Tensor) -> torch.Tensor:
+        """Cosine similarity maps `(B, K, H, W)` of feature maps `(B, D, H, W)` to every concept."""
+        return cosine_similarity_maps(features, self.concepts, self.config.cosine_eps)
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return (concept_scores `(B, K)`, activation_maps `(B, K, H, W)`, similarity_maps `(B, K, H, W)`)."""
-        similarity = cosine_similarity_maps(features, self.concepts, self.eps)
-        activations = torch.softmax(similarity / self.temperature, dim=1)  # over concepts, §3.5
+        similarity = self.similarity(features)
+        activations = torch.softmax(similarity / self.config.temperature, dim=1)  # over concepts, §3.5
         scores = activations.amax(dim=(2, 3))  # spatial max, §3.6
         return scores, activations, similarity
 
     @torch.no_grad()
     def nearest(self, features: torch.Tensor) -> torch.LongTensor:
         """Index `(B, H, W)` of the most cosine-similar concept at every location (no gradient, §3.8)."""
-        return cosine_similarity_maps(features, self.concepts, self.eps).argmax(dim=1)
+        return self.similarity(features).argmax(dim=1)
+
+    def quantize(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.LongTensor, torch.Tensor]:
+        """Stage-1 vector quantization (§3.8): every feature vector replaced by its nearest concept.
+
+        Hard assignment under no-grad and no straight-through estimator, so only the selected raw
+        concept vectors receive gradient (through the frozen head and the codebook term).
+
+        Returns:
+            (quantized feature map `(B, D, H, W)`, concept indices `(B, H, W)`,
+            codebook loss MSE(quantized, stop_grad(features)) `()`).
+        """
+        indices = self.nearest(features)
+        quantized = self.concepts[indices].permute(0, 3, 1, 2)
+        codebook_loss = F.mse_loss(quantized, features.detach().to(quantized.dtype))
+        return quantized, indices, codebook_loss
 
 
 class ProtoQuantConceptClassifier(nn.Module):
@@ -174,6 +234,14 @@ class ProtoQuantConceptClassifier(nn.Module):
     def forward(self, concept_scores: torch.Tensor) -> torch.Tensor:
         return concept_scores @ F.relu(self.weight).t()
 
+    def contributions(self, concept_scores: torch.Tensor) -> torch.Tensor:
+        """s_k · ReLU(W)_ck `(B, C, K)`: the exact per-concept decomposition of the logits."""
+        return concept_scores.unsqueeze(1) * F.relu(self.weight).unsqueeze(0)
+
+    def sparsity_loss(self, l1_lambda: float) -> torch.Tensor:
+        """λ·ΣReLU(W): L1 on the effective weights (not |W|; §3.7)."""
+        return l1_lambda * F.relu(self.weight).sum()
+
 
 class ProtoQuantOriginalHead(nn.Module):
     """The frozen head stage 1 trains the codebook through: global average pooling → optional
@@ -184,7 +252,6 @@ class ProtoQuantOriginalHead(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(hidden_size) if config.stage1_head_norm else nn.Identity()
         self.classifier = nn.Linear(hidden_size, config.stage1_head_num_labels)
-        self.requires_grad_(False)
 
     def forward(self, feature_maps: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.norm(feature_maps.mean(dim=(2, 3))))
@@ -196,7 +263,7 @@ class ProtoQuantPreTrainedModel(PreTrainedModel):
     base_model_prefix = "protoquant"
     main_input_name = "pixel_values"
     input_modalities = ("image",)
-    # forward takes no **kwargs, and the Trainer must not rescale our loss (hf-integration.md §7.1).
+    # forward takes **kwargs; the Trainer must not rescale our per-batch mean loss (hf-integration.md §7.1).
     accepts_loss_kwargs = False
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -206,23 +273,57 @@ class ProtoQuantPreTrainedModel(PreTrainedModel):
         elif isinstance(module, ProtoQuantConceptClassifier):
             init.normal_(module.weight, mean=1.0, std=0.1)  # N(1, 0.1), §3.7
 
+    def set_trainable(self, stage: str = "head", train_concepts: bool = False) -> "ProtoQuantPreTrainedModel":
+        """The one place that decides which parameters train; everything else is frozen.
+
+        Args:
+            stage: `"head"` (stage 2: the concept→class weights W) or `"codebook"` (stage 1: the
+                concepts). The backbone and the stage-1 head are always frozen.
+            train_concepts: in the head stage, fine-tune the concepts together with W (the official
+                code's default; it loosens their grounding in real training features).
+
+        Every load path (`from_pretrained`, remote code, `from_backbone`) ends in
+        `set_trainable("head")`, so the stock `transformers.Trainer` trains W and nothing else.
+        """
+        if stage not in TRAINING_STAGES:
+            raise ValueError(f"stage must be one of {TRAINING_STAGES}; got {stage!r}.")
+        self.requires_grad_(False)
+        codebook = self.protoquant.codebook if hasattr(self, "protoquant") else self.codebook
+        codebook.concepts.requires_grad_(stage == "codebook" or train_concepts)
+        if stage == "head" and hasattr(self, "classifier"):
+            self.classifier.weight.requires_grad_(True)
+        return self
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         try:
-            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+            model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         except RuntimeError as error:
             if "ignore_mismatched_sizes" not in str(error):
                 raise
-            raise ValueError(
+            # Same exception type as the library (callers catch RuntimeError), with the likely cause.
+            raise RuntimeError(
                 f"The weights in {pretrained_model_name_or_path} do not match its config.json (the load "
                 "report above lists the tensors): num_concepts, the labels or the backbone were changed "
                 "after saving. Load an unmodified folder, or pass ignore_mismatched_sizes=True to "
                 "re-initialise the mismatched tensors."
-            ) from None
+            ) from error
+        # transformers re-creates loaded tensors as trainable parameters: freeze again.
+        return model.set_trainable("head")
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # Record both model classes in `auto_map`, so `AutoModel` and
+        # `AutoModelForImageClassification` both load the folder as remote code.
+        if getattr(self, "_auto_class", None) is not None:
+            auto_map = dict(getattr(self.config, "auto_map", None) or {})
+            auto_map.setdefault("AutoModel", "modeling_protoquant.ProtoQuantModel")
+            auto_map.setdefault("AutoModelForImageClassification", "modeling_protoquant.ProtoQuantForImageClassification")
+            self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
 
 class ProtoQuantModel(ProtoQuantPreTrainedModel):
-    """Frozen backbone + codebook: images → concept scores (and maps on request)."""
+    """Frozen backbone + codebook: images (or precomputed feature maps) → concept scores and maps."""
 
     def __init__(self, config: ProtoQuantConfig):
         super().__init__(config)
@@ -233,11 +334,14 @@ class ProtoQuantModel(ProtoQuantPreTrainedModel):
         else:
             extra = {"add_pooling_layer": False} if backbone_config.model_type in _NO_POOLER_FAMILIES else {}
             self.backbone = AutoModel.from_config(backbone_config, **extra)
-        self.backbone.requires_grad_(False)
         self.backbone.eval()
         self.hidden_size = self._backbone_hidden_size()
         self.codebook = ProtoQuantCodebook(config, self.hidden_size)
+        # An optional inference-only copy of the backbone (`use_fast_backbone`); kept out of
+        # `_modules`, so it is never saved, moved by `.to()` or trained.
+        self.__dict__["_fast_backbone"] = None
         self.post_init()
+        self.set_trainable("head")
 
     def _backbone_hidden_size(self) -> int:
         backbone_config = self.config.backbone_config
@@ -255,17 +359,66 @@ class ProtoQuantModel(ProtoQuantPreTrainedModel):
         self.backbone.eval()
         return self
 
-    def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
+    def use_fast_backbone(self, enabled: bool = True, check: bool = True) -> bool:
+        """Compute feature maps with an exact, faster inference copy of the frozen backbone.
+
+        Available for EfficientNet backbones (the bundled default; see `fast_backbone.py`): batch-norms
+        folded into convolutions, identity squeeze-excites removed, cache-sized micro-batches on
+        single-threaded workers. The copy is a snapshot of the backbone's current weights (call again
+        after replacing them), is never saved, and is bypassed whenever the backbone itself requires
+        grad or hidden states / attentions are requested.
+
+        Args:
+            enabled: switch the copy on (`True`) or back to the eager backbone (`False`).
+            check: compare the copy against the eager backbone on random pixels first and refuse a
+                copy that differs (relative error above 1e-4).
+
+        Returns:
+            Whether feature maps now come from a fast copy (`False` for other backbone families).
+        """
+        self.__dict__["_fast_backbone"] = None
+        if not enabled or self.config.backbone_config.model_type != "efficientnet":
+            return False
+        from .fast_backbone import optimize_frozen_backbone
+
+        fast = optimize_frozen_backbone(self.backbone)
+        if check:
+            parameter = next(self.backbone.parameters())
+            size = self.config.image_size
+            pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+            pixels = pixels.to(device=parameter.device, dtype=parameter.dtype)
+            with torch.no_grad():
+                expected = self.backbone(pixels).last_hidden_state.float()
+                actual = fast.to(parameter.device)(pixels).last_hidden_state.float()
+            error = float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-12))
+            if not error <= 1e-4:
+                raise RuntimeError(
+                    f"The fast backbone copy differs from the eager backbone (relative error {error:.2e}); "
+                    "keeping the eager backbone would be correct: call use_fast_backbone(False)."
+                )
+        self.__dict__["_fast_backbone"] = fast
+        return True
+
+    def _check_pixel_values(self, pixel_values) -> None:
         backbone_config = self.config.backbone_config
         channels = getattr(backbone_config, "num_channels", 3)
         size = self.config.image_size
         expected = f"(batch_size, {channels}, height, width), e.g. (8, {channels}, {size}, {size})"
+        if pixel_values is None:
+            raise ValueError(f"Pass pixel_values of shape {expected} (or feature_maps / concept_scores to skip the backbone).")
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 4 or pixel_values.shape[1] != channels:
             got = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
             raise ValueError(
                 f"pixel_values must be a float tensor of shape {expected}; got {got}. Use the model's "
                 "image processor (AutoImageProcessor) to turn images into pixel_values."
             )
+        if not pixel_values.is_floating_point():
+            raise ValueError(
+                f"pixel_values must be a float tensor (normalised by the image processor); got dtype "
+                f"{pixel_values.dtype}. Use the model's image processor, or convert with .float() after normalising."
+            )
+        if not torch.isfinite(pixel_values).all():
+            raise ValueError("pixel_values contain NaN or infinite values; check the images and the preprocessing.")
         height, width = pixel_values.shape[-2:]
         if self.backbone_kind == "tokens":
             patch = backbone_config.patch_size
@@ -275,68 +428,95 @@ class ProtoQuantModel(ProtoQuantPreTrainedModel):
                     f"of the patch size {patch}; got {tuple(pixel_values.shape)}."
                 )
 
-    def forward_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The frozen backbone's feature map `(batch_size, hidden_size, height, width)`."""
+    def _backbone_forward(self, pixel_values: torch.Tensor, **kwargs):
+        """(feature map `(B, D, H, W)`, backbone output or None) for checked pixel values."""
         self._check_pixel_values(pixel_values)
-        layer = self.config.backbone_feature_layer
-        if self.backbone_kind == "autobackbone":
-            features = self.backbone(pixel_values).feature_maps[-1]
-        elif self.backbone_kind == "tokens":
-            features = self._token_feature_map(pixel_values, layer)
+        wants_extra = bool(kwargs.get("output_hidden_states") or kwargs.get("output_attentions"))
+        fast = self.__dict__["_fast_backbone"]
+        if fast is not None and not wants_extra and not any(p.requires_grad for p in self.backbone.parameters()):
+            features, outputs = fast.to(pixel_values.device)(pixel_values).last_hidden_state, None
         else:
-            features = self.backbone(pixel_values).last_hidden_state
+            features, outputs = self._eager_features(pixel_values, **kwargs)
         if features.shape[-1] == 0 or features.shape[-2] == 0:
             raise ValueError(
                 f"pixel_values of spatial size {tuple(pixel_values.shape[-2:])} are too small for this "
                 f"backbone (empty feature map); use at least {self.config.image_size}x{self.config.image_size}."
             )
-        return features
+        return features, outputs
 
-    def _token_feature_map(self, pixel_values: torch.Tensor, layer: int) -> torch.Tensor:
+    def _eager_features(self, pixel_values: torch.Tensor, **kwargs):
+        layer = self.config.backbone_feature_layer
+        if self.backbone_kind == "autobackbone":
+            outputs = self.backbone(pixel_values, **kwargs)
+            return outputs.feature_maps[-1], outputs
+        if self.backbone_kind == "convnet":
+            kwargs.pop("output_attentions", None)  # convnets have none
+            outputs = self.backbone(pixel_values, **kwargs)
+            return outputs.last_hidden_state, outputs
         backbone_config = self.config.backbone_config
         height, width = pixel_values.shape[-2:]
         native = backbone_config.image_size
+        kwargs["output_hidden_states"] = bool(kwargs.get("output_hidden_states")) or layer != -1
         outputs = self.backbone(
-            pixel_values,
-            output_hidden_states=layer != -1,
-            interpolate_pos_encoding=(height, width) != (native, native),
+            pixel_values, interpolate_pos_encoding=(height, width) != (native, native), **kwargs
         )
         tokens = outputs.last_hidden_state if layer == -1 else outputs.hidden_states[layer]
         grid_h, grid_w = height // backbone_config.patch_size, width // backbone_config.patch_size
         # Drop every prefix token (CLS, distillation, registers) and lay the patches out as a grid.
         patches = tokens[:, tokens.shape[1] - grid_h * grid_w :]
-        return patches.transpose(1, 2).reshape(tokens.shape[0], -1, grid_h, grid_w)
+        return patches.transpose(1, 2).reshape(tokens.shape[0], -1, grid_h, grid_w), outputs
 
-    def forward_concepts(
-        self, feature_maps: torch.Tensor, output_activation_maps: bool = False, output_similarity_maps: bool = False
+    def forward_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The frozen backbone's feature map `(batch_size, hidden_size, height, width)`."""
+        return self._backbone_forward(pixel_values)[0]
+
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        *,
+        feature_maps: torch.Tensor | None = None,
+        output_activation_maps: bool = False,
+        output_similarity_maps: bool = False,
+        output_feature_maps: bool = False,
+        **kwargs,
     ) -> ProtoQuantModelOutput:
-        """Concept detection on precomputed feature maps `(B, D, H, W)` (e.g. from a feature cache)."""
+        """Concept detection.
+
+        Args:
+            pixel_values: `(B, 3, H, W)` images from the image processor, or
+            feature_maps: `(B, D, h, w)` precomputed backbone features (e.g. from a feature cache),
+                which skip the backbone.
+            output_activation_maps / output_similarity_maps / output_feature_maps: return p, m, z.
+            kwargs: `output_hidden_states` / `output_attentions` go to the backbone; `return_dict`
+                as for every transformers model.
+        """
+        backbone_outputs = None
+        if feature_maps is None:
+            feature_maps, backbone_outputs = self._backbone_forward(pixel_values, **_backbone_kwargs(kwargs))
         scores, activations, similarity = self.codebook(feature_maps)
         return ProtoQuantModelOutput(
             concept_scores=scores,
             activation_maps=activations if output_activation_maps else None,
             similarity_maps=similarity if output_similarity_maps else None,
+            feature_maps=feature_maps if output_feature_maps else None,
+            hidden_states=getattr(backbone_outputs, "hidden_states", None) if kwargs.get("output_hidden_states") else None,
+            attentions=getattr(backbone_outputs, "attentions", None) if kwargs.get("output_attentions") else None,
         )
 
-    def forward(
-        self,
-        pixel_values: torch.Tensor | None = None,
-        output_activation_maps: bool = False,
-        output_similarity_maps: bool = False,
-        output_feature_maps: bool = False,
-    ) -> ProtoQuantModelOutput:
-        features = self.forward_features(pixel_values)
-        outputs = self.forward_concepts(features, output_activation_maps, output_similarity_maps)
-        outputs.feature_maps = features if output_feature_maps else None
-        return outputs
+
+def _backbone_kwargs(kwargs: dict) -> dict:
+    """The generic transformers keyword arguments a backbone understands."""
+    return {name: kwargs[name] for name in ("output_hidden_states", "output_attentions") if kwargs.get(name)}
 
 
 class ProtoQuantForImageClassification(ProtoQuantPreTrainedModel):
     """ProtoQuant image classifier: concept scores → non-negative, sparse concept→class weights.
 
-    Uniform small API (timm-style), each step callable on its own:
-    `forward_features` (pixels → feature map), `forward_concepts` (feature map → concept scores and
-    maps), `forward_head` (scores → logits), and `forward_quantized` for stage-1 codebook training.
+    One `forward` serves every consumer: images, precomputed feature maps or concept scores in;
+    logits, loss, concept scores and, on request, the maps and the exact per-concept contributions
+    out; `stage="codebook"` gives the stage-1 quantized forward. The timm-style steps
+    (`forward_features`, `forward_head`) are the same computations, callable on their own.
     """
 
     def __init__(self, config: ProtoQuantConfig):
@@ -348,90 +528,128 @@ class ProtoQuantForImageClassification(ProtoQuantPreTrainedModel):
             ProtoQuantOriginalHead(config, hidden_size) if config.stage1_head_num_labels > 0 else None
         )
         self.post_init()
+        self.set_trainable("head")
 
     @property
     def codebook(self) -> ProtoQuantCodebook:
         return self.protoquant.codebook
 
+    def use_fast_backbone(self, enabled: bool = True, check: bool = True) -> bool:
+        """See [`ProtoQuantModel.use_fast_backbone`]."""
+        return self.protoquant.use_fast_backbone(enabled, check)
+
     def forward_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Frozen backbone feature map `(batch_size, hidden_size, height, width)`."""
         return self.protoquant.forward_features(pixel_values)
-
-    def forward_concepts(
-        self, feature_maps: torch.Tensor, output_activation_maps: bool = False, output_similarity_maps: bool = False
-    ) -> ProtoQuantModelOutput:
-        return self.protoquant.forward_concepts(feature_maps, output_activation_maps, output_similarity_maps)
 
     def forward_head(self, concept_scores: torch.Tensor) -> torch.Tensor:
         """Logits `(batch_size, num_labels)` from concept scores `(batch_size, num_concepts)`."""
         return self.classifier(concept_scores)
 
-    def _check_labels(self, labels: torch.Tensor, num_labels: int) -> None:
-        if labels.ndim != 1 or labels.dtype.is_floating_point:
-            raise ValueError(
-                f"labels must be a 1-D integer tensor of class indices; got dtype {labels.dtype}, shape {tuple(labels.shape)}."
-            )
-        if labels.numel() and (labels.min() < 0 or labels.max() >= num_labels):
+    def _check_class_indices(self, labels: torch.Tensor, num_labels: int) -> None:
+        """Class-index labels out of range give one clear error (the library's raw one is cryptic)."""
+        if labels.is_floating_point() or labels.dtype == torch.bool:
+            return
+        valid = labels[labels != -100]  # the library's ignore index
+        if valid.numel() and (valid.min() < 0 or valid.max() >= num_labels):
             raise ValueError(
                 f"labels must be class indices in [0, {num_labels - 1}]; got values from "
-                f"{int(labels.min())} to {int(labels.max())}. Check that the dataset's label column "
+                f"{int(valid.min())} to {int(valid.max())}. Check that the dataset's label column "
                 "matches the model's id2label."
             )
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
+        labels: torch.Tensor | None = None,
+        *,
+        feature_maps: torch.Tensor | None = None,
+        concept_scores: torch.Tensor | None = None,
+        stage: str = "head",
         output_activation_maps: bool = False,
         output_similarity_maps: bool = False,
-    ) -> ProtoQuantImageClassifierOutput:
-        features = self.forward_features(pixel_values)
-        return self.classify_features(features, labels, output_activation_maps, output_similarity_maps)
+        output_feature_maps: bool = False,
+        output_concept_contributions: bool = False,
+        **kwargs,
+    ) -> ProtoQuantImageClassifierOutput | ProtoQuantQuantizedOutput:
+        """Classify images, cached feature maps or concept scores.
 
-    def classify_features(
-        self,
-        feature_maps: torch.Tensor,
-        labels: torch.LongTensor | None = None,
-        output_activation_maps: bool = False,
-        output_similarity_maps: bool = False,
-    ) -> ProtoQuantImageClassifierOutput:
-        """The full head on precomputed feature maps `(B, D, H, W)`: what `forward` does after the backbone."""
-        concepts = self.forward_concepts(feature_maps, output_activation_maps, output_similarity_maps)
-        logits = self.forward_head(concepts.concept_scores)
-        loss = None
+        Args:
+            pixel_values: `(B, 3, H, W)` images from the image processor, or
+            feature_maps: `(B, D, h, w)` precomputed backbone features (skip the backbone), or
+            concept_scores: `(B, K)` precomputed presence scores (skip the codebook too; head stage only).
+            labels: class indices `(B,)`, multi-hot `(B, C)` floats or regression targets, as
+                `config.problem_type` says (inferred like every transformers classifier when unset).
+            stage: `"head"` (default: the interpretable head, stage 2) or `"codebook"` (stage 1:
+                nearest-concept quantization through the frozen original head).
+            output_activation_maps / output_similarity_maps / output_feature_maps: return p, m, z.
+            output_concept_contributions: return s_k · ReLU(W)_ck `(B, C, K)`, which sums to the logits.
+            kwargs: `output_hidden_states` / `output_attentions` go to the backbone; `return_dict`
+                as for every transformers model.
+
+        Returns:
+            [`ProtoQuantImageClassifierOutput`], or [`ProtoQuantQuantizedOutput`] for `stage="codebook"`.
+        """
+        if stage not in TRAINING_STAGES:
+            raise ValueError(f"stage must be one of {TRAINING_STAGES}; got {stage!r}.")
+        if stage == "codebook":
+            if concept_scores is not None:
+                raise ValueError('stage="codebook" needs pixel_values or feature_maps (it quantizes the feature map).')
+            if feature_maps is None:
+                feature_maps = self.protoquant.forward_features(pixel_values)
+            return self._forward_codebook(feature_maps, labels)
+
+        if concept_scores is None:
+            concepts = self.protoquant(
+                pixel_values,
+                feature_maps=feature_maps,
+                output_activation_maps=output_activation_maps,
+                output_similarity_maps=output_similarity_maps,
+                output_feature_maps=output_feature_maps,
+                return_dict=True,
+                **kwargs,
+            )
+        else:
+            concepts = ProtoQuantModelOutput(concept_scores=concept_scores)
+        logits = self.classifier(concepts.concept_scores)
+        loss = sparsity_loss = None
+        if self.training and self.config.head_l1_lambda > 0:
+            sparsity_loss = self.classifier.sparsity_loss(self.config.head_l1_lambda)
         if labels is not None:
-            self._check_labels(labels, self.config.num_labels)
-            loss = F.cross_entropy(logits, labels)
+            if self.config.problem_type in (None, "single_label_classification"):
+                self._check_class_indices(labels, self.config.num_labels)
+            loss = self.loss_function(labels, logits, self.config)
+            if sparsity_loss is not None:
+                loss = loss + sparsity_loss
+        contributions = self.classifier.contributions(concepts.concept_scores) if output_concept_contributions else None
         return ProtoQuantImageClassifierOutput(
             loss=loss,
             logits=logits,
             concept_scores=concepts.concept_scores,
+            concept_contributions=contributions,
+            sparsity_loss=sparsity_loss,
             activation_maps=concepts.activation_maps,
             similarity_maps=concepts.similarity_maps,
+            feature_maps=concepts.feature_maps,
+            hidden_states=concepts.hidden_states,
+            attentions=concepts.attentions,
         )
 
-    def forward_quantized(
-        self, feature_maps: torch.Tensor, labels: torch.LongTensor | None = None
-    ) -> ProtoQuantQuantizedOutput:
-        """Stage 1 (§3.8): hard nearest-concept assignment by cosine (no gradient through it), the
-        selected raw concept vectors replace the features and go through the frozen original head.
-        Only the selected concepts receive gradient (no straight-through estimator)."""
+    def _forward_codebook(self, feature_maps: torch.Tensor, labels: torch.Tensor | None) -> ProtoQuantQuantizedOutput:
+        """Stage 1 (§3.8): the quantized feature map through the frozen original head."""
         if self.original_head is None:
             raise ValueError(
                 "This model has no stage-1 head. Build it with `from_backbone` from a classification "
                 "checkpoint whose classes match, or fit a linear probe first (protoquant_hf.training)."
             )
-        indices = self.codebook.nearest(feature_maps)  # (B, H, W)
-        quantized = self.codebook.concepts[indices].permute(0, 3, 1, 2)  # (B, D, H, W)
+        quantized, indices, codebook_loss = self.codebook.quantize(feature_maps)
         logits = self.original_head(quantized)
-        codebook_loss = F.mse_loss(quantized, feature_maps.detach().to(quantized.dtype))
         loss = None
         if labels is not None:
-            self._check_labels(labels, self.config.stage1_head_num_labels)
+            self._check_class_indices(labels, self.config.stage1_head_num_labels)
             loss = F.cross_entropy(logits, labels) + self.config.codebook_loss_weight * codebook_loss
-        return ProtoQuantQuantizedOutput(
-            loss=loss, logits=logits, codebook_loss=codebook_loss, concept_indices=indices
-        )
+        return ProtoQuantQuantizedOutput(loss=loss, logits=logits, codebook_loss=codebook_loss, concept_indices=indices)
 
     def set_stage1_head(self, classifier: nn.Linear, norm: nn.LayerNorm | None = None) -> None:
         """Install a frozen stage-1 head (a checkpoint's own classifier or a fitted linear probe)."""
@@ -446,31 +664,14 @@ class ProtoQuantForImageClassification(ProtoQuantPreTrainedModel):
         head.classifier.load_state_dict(classifier.state_dict())
         if norm is not None:
             head.norm.load_state_dict(norm.state_dict())
-        self.original_head = head.to(self.classifier.weight.device)
-
-    @torch.no_grad()
-    def prune_concepts(self, keep: torch.Tensor) -> None:
-        """Keep only the concepts indexed by `keep` (LongTensor or bool mask of length K), shrinking
-        the codebook and the concept→class matrix consistently. Changes the softmax normalisation of
-        the remaining concepts (method §11.9): re-evaluate or retrain afterwards."""
-        keep = torch.as_tensor(keep, device=self.classifier.weight.device)
-        if keep.dtype == torch.bool:
-            keep = keep.nonzero().flatten()
-        if keep.numel() == 0:
-            raise ValueError("prune_concepts would remove every concept; keep at least one.")
-        codebook, classifier = self.codebook, self.classifier
-        codebook.concepts = nn.Parameter(
-            codebook.concepts[keep].clone(), requires_grad=codebook.concepts.requires_grad
-        )
-        classifier.weight = nn.Parameter(classifier.weight[:, keep].clone())
-        self.config.num_concepts = int(keep.numel())
+        self.original_head = head.to(self.classifier.weight.device).requires_grad_(False)
 
     @classmethod
     def from_backbone(
         cls,
         backbone_name_or_path: str,
         *,
-        num_concepts: int = 256,
+        num_concepts: int | None = None,
         id2label: dict[int, str] | None = None,
         label2id: dict[str, int] | None = None,
         image_size: int | None = None,
@@ -484,7 +685,7 @@ class ProtoQuantForImageClassification(ProtoQuantPreTrainedModel):
         Args:
             backbone_name_or_path: a Hub id, a local folder, or a registered alias such as the
                 bundled offline ``"protoquant/efficientnet-lite0"``.
-            num_concepts: K, the codebook size.
+            num_concepts: K, the codebook size (default: `ProtoQuantConfig`'s).
             id2label / label2id: the target classes.
             image_size: training/serving resolution; defaults to the backbone's native size.
             backbone_feature_layer: which backbone feature map to use (see `ProtoQuantConfig`).
@@ -503,10 +704,11 @@ class ProtoQuantForImageClassification(ProtoQuantPreTrainedModel):
         if image_size is None:
             native = getattr(backbone_config, "image_size", 224)
             image_size = native[0] if isinstance(native, (list, tuple)) else native
+        if num_concepts is not None:
+            config_kwargs["num_concepts"] = num_concepts
         config = ProtoQuantConfig(
             backbone_config=backbone_config,
             backbone_feature_layer=backbone_feature_layer,
-            num_concepts=num_concepts,
             id2label=id2label,
             label2id=label2id,
             image_size=image_size,
@@ -520,17 +722,19 @@ class ProtoQuantForImageClassification(ProtoQuantPreTrainedModel):
         else:
             loader = MODEL_MAPPING[type(config.backbone_config)]
         extra = {"add_pooling_layer": False} if config.backbone_config.model_type in _NO_POOLER_FAMILIES else {}
-        pretrained = loader.from_pretrained(source, config=config.backbone_config, dtype=dtype, **extra)
+        with quiet_transformers():  # a classification checkpoint's head is "unexpected" here by design
+            pretrained = loader.from_pretrained(source, config=config.backbone_config, dtype=dtype, **extra)
         backbone.load_state_dict(pretrained.state_dict())
         if keep_checkpoint_head:
             model._keep_checkpoint_head(source, backbone_config, dtype)
-        return model.to(dtype)
+        return model.to(dtype).set_trainable("head")
 
     def _keep_checkpoint_head(self, source: str, backbone_config, dtype: torch.dtype) -> None:
         architectures = getattr(backbone_config, "architectures", None) or []
         if not any(name.endswith("ForImageClassification") for name in architectures):
             return
-        checkpoint = AutoModelForImageClassification.from_pretrained(source, dtype=dtype)
+        with quiet_transformers():
+            checkpoint = AutoModelForImageClassification.from_pretrained(source, dtype=dtype)
         linears = [m for m in checkpoint.classifier.modules() if isinstance(m, nn.Linear)]
         if not linears or linears[-1].in_features != self.protoquant.hidden_size:
             return  # e.g. heads on CLS+patch concatenations: stage 1 fits a probe instead
@@ -547,6 +751,7 @@ __all__ = [
     "ProtoQuantModelOutput",
     "ProtoQuantPreTrainedModel",
     "ProtoQuantQuantizedOutput",
+    "TRAINING_STAGES",
     "cosine_similarity_maps",
     "register_backbone_alias",
     "resolve_backbone",

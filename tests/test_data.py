@@ -324,11 +324,14 @@ def bit_processor() -> BitImageProcessor:
     )
 
 
-def test_with_image_size_keeps_the_resize_to_crop_ratio():
+def test_with_image_size_fields_say_the_training_resolution():
+    # Recipes (the official image-classification example) read size["shortest_edge"] as the resolution.
     processor = BitImageProcessor(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224})
-    resized = with_image_size(processor, 112)
-    assert resized.size.shortest_edge == 128 and (resized.crop_size.height, resized.crop_size.width) == (112, 112)
+    resized = with_image_size(processor, 64)
+    assert resized.size.shortest_edge == 64 and (resized.crop_size.height, resized.crop_size.width) == (64, 64)
     assert processor.size.shortest_edge == 256  # the original is untouched
+    wide = PIL.Image.new("RGB", (90, 60), (255, 255, 255))
+    assert resized(images=wide, return_tensors="pt")["pixel_values"].shape == (1, 3, 64, 64)
     vit = with_image_size(ViTImageProcessor(), 40)
     assert (vit.size.height, vit.size.width) == (40, 40)
 

@@ -25,6 +25,7 @@ from transformers import (
 
 import protoquant_hf
 from protoquant_hf import ProtoQuantConfig, ProtoQuantForImageClassification
+from protoquant_hf.concepts import prune_concepts
 
 LABELS = {0: "cat", 1: "dog", 2: "bird"}
 
@@ -97,7 +98,9 @@ def test_head_math_matches_hand_computation():
     features = torch.zeros(1, 16, 1, 2)
     features[0, 0, 0, 0], features[0, 1, 0, 0] = 3.0, 4.0  # location A = (3, 4): cos = 0.6, 0.8
     features[0, 1, 0, 1] = 5.0  # location B = (0, 5): cos = 0, 1
-    out = model.classify_features(features, output_activation_maps=True, output_similarity_maps=True)
+    out = model(
+        feature_maps=features, output_activation_maps=True, output_similarity_maps=True, output_concept_contributions=True
+    )
 
     eps, tau = 1e-6, 0.1
     cos_a = [3 * 2 / ((5 + eps) * (2 + eps)), 4 * 1 / ((5 + eps) * (1 + eps))]
@@ -113,6 +116,22 @@ def test_head_math_matches_hand_computation():
     torch.testing.assert_close(out.activation_maps[0, :, 0, 0], torch.tensor(p_a))
     torch.testing.assert_close(out.concept_scores[0], torch.tensor(scores))
     torch.testing.assert_close(out.logits[0], torch.tensor(logits))
+    contributions = [[w * s for w, s in zip(row, scores)] for row in relu_w]
+    torch.testing.assert_close(out.concept_contributions[0], torch.tensor(contributions))
+    torch.testing.assert_close(out.concept_contributions.sum(-1), out.logits)  # no bias: the logit is the sum
+    # The same head from precomputed concept scores (the score-table path of stage 2).
+    torch.testing.assert_close(model(concept_scores=out.concept_scores).logits, out.logits)
+
+
+def test_temperature_is_read_at_call_time():
+    model, size = tiny_model()
+    features = torch.randn(2, model.protoquant.hidden_size, 2, 2)
+    with torch.no_grad():
+        sharp = model(feature_maps=features, output_similarity_maps=True)
+        model.config.temperature = 1.0
+        flat = model(feature_maps=features)
+    torch.testing.assert_close(flat.concept_scores, torch.softmax(sharp.similarity_maps / 1.0, dim=1).amax(dim=(2, 3)))
+    assert not torch.allclose(flat.concept_scores, sharp.concept_scores)
 
 
 def test_init_weights_follow_the_method():
@@ -128,7 +147,7 @@ def test_gradients_reach_only_head_and_backbone_statistics_stay():
     assert not model.protoquant.backbone.training  # backbone stays in eval under model.train()
     bn_stats = {k: v.clone() for k, v in model.protoquant.backbone.state_dict().items() if "running" in k}
     assert bn_stats
-    model.codebook.concepts.requires_grad_(True)  # stage-2 option: fine-tune concepts too
+    model.set_trainable("head", train_concepts=True)  # stage-2 option: fine-tune concepts too
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"protoquant.codebook.concepts", "classifier.weight"}
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
@@ -142,22 +161,50 @@ def test_gradients_reach_only_head_and_backbone_statistics_stay():
             torch.testing.assert_close(value, bn_stats[key], rtol=0, atol=0)
 
 
-def test_forward_quantized_stage1():
+def test_codebook_stage_forward():
     model, size = tiny_model("resnet", num_concepts=5)
     model.set_stage1_head(torch.nn.Linear(16, 4))
-    model.codebook.concepts.requires_grad_(True)
+    model.set_trainable("codebook")
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["protoquant.codebook.concepts"]
     features = torch.relu(torch.randn(2, 16, 2, 2))
-    out = model.forward_quantized(features, labels=torch.tensor([0, 3]))
+    out = model(feature_maps=features, labels=torch.tensor([0, 3]), stage="codebook")
     expected = model.codebook.nearest(features)
     assert torch.equal(out.concept_indices, expected)
     quantized = model.codebook.concepts.detach()[expected].permute(0, 3, 1, 2)
     torch.testing.assert_close(out.codebook_loss, torch.nn.functional.mse_loss(quantized, features))
+    head_logits = model.original_head(quantized)
+    torch.testing.assert_close(out.logits, head_logits)
+    ce = torch.nn.functional.cross_entropy(head_logits, torch.tensor([0, 3]))
+    torch.testing.assert_close(out.loss, ce + model.config.codebook_loss_weight * out.codebook_loss)
     out.loss.backward()
     grad_rows = model.codebook.concepts.grad.abs().sum(dim=1) > 0
     used = torch.zeros(5, dtype=torch.bool)
     used[expected.flatten()] = True
     assert torch.equal(grad_rows, used)  # only selected concepts learn
     assert model.original_head.classifier.weight.grad is None  # the original head stays frozen
+    pixels = torch.randn(2, 3, size, size)  # from pixels: the same path after the backbone
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(pixels, stage="codebook").logits, model(feature_maps=model.forward_features(pixels), stage="codebook").logits
+        )
+    with pytest.raises(ValueError, match="stage must be one of"):
+        model(pixels, stage="both")
+
+
+def test_training_mode_loss_is_the_stage2_objective():
+    model, size = tiny_model()
+    pixels, labels = torch.randn(3, 3, size, size), torch.tensor([0, 1, 2])
+    model.eval()
+    evaluation = model(pixels, labels=labels)
+    torch.testing.assert_close(evaluation.loss, torch.nn.functional.cross_entropy(evaluation.logits, labels))
+    assert evaluation.sparsity_loss is None
+    model.train()
+    training = model(pixels, labels=labels)
+    l1 = model.config.head_l1_lambda * torch.relu(model.classifier.weight).sum()
+    torch.testing.assert_close(training.sparsity_loss, l1)
+    torch.testing.assert_close(training.loss, evaluation.loss + l1)
+    model.config.head_l1_lambda = 0.0
+    assert model(pixels, labels=labels).sparsity_loss is None
 
 
 def test_prune_concepts_shrinks_codebook_and_weights_consistently():
@@ -165,13 +212,14 @@ def test_prune_concepts_shrinks_codebook_and_weights_consistently():
     keep = torch.tensor([0, 2, 5])
     concepts = model.codebook.concepts.detach().clone()
     weight = model.classifier.weight.detach().clone()
-    model.prune_concepts(keep)
+    prune_concepts(model, keep)
     assert model.config.num_concepts == 3
     torch.testing.assert_close(model.codebook.concepts, concepts[keep])
     torch.testing.assert_close(model.classifier.weight, weight[:, keep])
     assert model(torch.randn(1, 3, size, size)).concept_scores.shape == (1, 3)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["classifier.weight"]
     with pytest.raises(ValueError, match="every concept"):
-        model.prune_concepts(torch.zeros(3, dtype=torch.bool))
+        prune_concepts(model, torch.zeros(3, dtype=torch.bool))
 
 
 @pytest.mark.parametrize("model_type", ["resnet", "dinov2", "efficientnet"])
@@ -193,7 +241,7 @@ def test_save_load_exact_logits(tmp_path, model_type):
 def test_save_load_keeps_pruned_k_and_stage1_head(tmp_path):
     model, size = tiny_model(num_concepts=6)
     model.set_stage1_head(torch.nn.Linear(16, 7))
-    model.prune_concepts(torch.tensor([1, 3]))
+    prune_concepts(model, torch.tensor([1, 3]))
     model.save_pretrained(tmp_path)
     loaded = ProtoQuantForImageClassification.from_pretrained(tmp_path)
     assert loaded.config.num_concepts == 2 and loaded.config.stage1_head_num_labels == 7
@@ -206,8 +254,12 @@ def test_from_pretrained_rejects_config_weight_mismatch(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     config["num_concepts"] = 9
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="do not match its config.json"):
+    # The library's exception type (callers such as ignore_mismatched_sizes flows catch RuntimeError),
+    # with the likely cause in the message.
+    with pytest.raises(RuntimeError, match="do not match its config.json"):
         ProtoQuantForImageClassification.from_pretrained(tmp_path)
+    loaded = ProtoQuantForImageClassification.from_pretrained(tmp_path, ignore_mismatched_sizes=True)
+    assert loaded.codebook.concepts.shape[0] == 9
 
 
 def save_pipeline_folder(tmp_path, model_type="resnet"):
@@ -255,7 +307,7 @@ def test_fresh_process_remote_code_load_without_package(tmp_path):
         sys.meta_path.insert(0, Block())
         import torch
         from PIL import Image
-        from transformers import AutoModelForImageClassification, pipeline
+        from transformers import AutoModel, AutoModelForImageClassification, pipeline
         try:
             import protoquant_hf
             raise SystemExit("package visible")
@@ -267,6 +319,14 @@ def test_fresh_process_remote_code_load_without_package(tmp_path):
         expected = torch.load({str(tmp_path / "expected.pt")!r}, weights_only=True)
         with torch.no_grad():
             assert torch.equal(model(pixels).logits, expected)
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        assert trainable == ["classifier.weight"], trainable
+        base = AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True)
+        assert type(base).__name__ == "ProtoQuantModel", type(base)
+        assert type(base).__module__.startswith("transformers_modules"), type(base).__module__
+        assert not any(p.requires_grad for p in base.parameters())
+        with torch.no_grad():
+            assert torch.equal(base(pixels).concept_scores, model(pixels).concept_scores)
         pipe = pipeline("image-classification", model={str(folder)!r}, trust_remote_code=True)
         out = pipe(Image.new("RGB", (40, 40), (120, 30, 200)))
         assert {{r["label"] for r in out}} == {set(LABELS.values())!r}, out
@@ -283,14 +343,17 @@ def test_fresh_process_remote_code_load_without_package(tmp_path):
 @pytest.mark.parametrize(
     "pixels, match",
     [
-        (torch.randn(3, 32, 32), "shape"),
-        (torch.randn(1, 1, 32, 32), "shape"),
-        (np.zeros((1, 3, 32, 32), dtype=np.float32), "shape"),
+        (torch.randn(3, 32, 32), r"shape \(batch_size, 3, height, width\).*got \(3, 32, 32\)"),
+        (torch.randn(1, 1, 32, 32), r"shape \(batch_size, 3, height, width\).*got \(1, 1, 32, 32\)"),
+        (np.zeros((1, 3, 32, 32), dtype=np.float32), r"shape \(batch_size, 3, height, width\).*got ndarray"),
+        (torch.zeros(1, 3, 32, 32, dtype=torch.uint8), "must be a float tensor.*torch.uint8"),
+        (torch.full((1, 3, 32, 32), float("nan")), "NaN or infinite"),
+        (torch.full((1, 3, 32, 32), float("inf")), "NaN or infinite"),
     ],
 )
-def test_bad_pixel_values_name_the_expected_shape(pixels, match):
+def test_bad_pixel_values_are_one_clear_error(pixels, match):
     model, _ = tiny_model()
-    with pytest.raises(ValueError, match=r"\(batch_size, 3, height, width\)"):
+    with pytest.raises(ValueError, match=match):
         model(pixels)
 
 
@@ -304,14 +367,16 @@ def test_labels_out_of_range():
     model, size = tiny_model()
     with pytest.raises(ValueError, match=r"\[0, 2\]"):
         model(torch.randn(2, 3, size, size), labels=torch.tensor([0, 3]))
-    with pytest.raises(ValueError, match="integer"):
-        model(torch.randn(2, 3, size, size), labels=torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match=r"\[0, 2\]"):
+        model(torch.randn(2, 3, size, size), labels=torch.tensor([-1, 0]))
+    # -100 is the library's ignore index, not an error.
+    assert torch.isfinite(model(torch.randn(2, 3, size, size), labels=torch.tensor([-100, 1])).loss)
 
 
 def test_config_validation_messages():
     with pytest.raises(Exception, match="num_concepts must be >= 1"):
         ProtoQuantConfig(num_concepts=0)
-    with pytest.raises(Exception, match="temperature must be > 0"):
+    with pytest.raises(Exception, match="temperature must be finite and > 0"):
         ProtoQuantConfig(temperature=0.0)
     with pytest.raises(ValueError, match="Supported families: .*resnet.*vit"):
         ProtoQuantConfig(backbone_config=BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2))
@@ -364,3 +429,73 @@ def test_aliases_resolve_through_registry(tmp_path):
     model = ProtoQuantForImageClassification.from_backbone("test/tiny-resnet", num_concepts=3, id2label=LABELS)
     assert model.config.backbone_name == "test/tiny-resnet"
     assert AutoConfig.from_pretrained(protoquant_hf.resolve_backbone("test/tiny-resnet")).model_type == "resnet"
+
+
+def test_backbone_feature_layer_selects_that_stage():
+    model, size = tiny_model("resnet", backbone_feature_layer=1)
+    pixels = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        features = model.forward_features(pixels)
+        stages = model.protoquant.backbone(pixels, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(features, stages[1])  # stage 1, not the last stage
+    assert features.shape[1] == model.protoquant.hidden_size == 8 != stages[-1].shape[1]
+    vit, size = tiny_model("vit", backbone_feature_layer=1)
+    pixels = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        features = vit.forward_features(pixels)
+        hidden = vit.protoquant.backbone(pixels, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(features.flatten(2).transpose(1, 2), hidden[1][:, 1:])
+    assert not torch.allclose(features.flatten(2).transpose(1, 2), hidden[-1][:, 1:])
+
+
+def test_fast_backbone_is_exact_unsaved_and_checked(tmp_path, monkeypatch):
+    model, size = tiny_model("efficientnet")
+    with torch.no_grad():  # random tiny weights give all-zero features; make them informative
+        for name, parameter in model.protoquant.backbone.named_parameters():
+            parameter.normal_(0.5 if "bn" in name or "norm" in name else 0.0, 0.3)
+    pixels = torch.randn(3, 3, size, size)
+    with torch.no_grad():
+        eager = model.forward_features(pixels)
+    assert eager.abs().max() > 0.1
+    assert model.use_fast_backbone() is True
+    keys = set(model.state_dict())
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the eager backbone ran")
+
+    monkeypatch.setattr(model.protoquant.backbone, "forward", refuse)
+    with torch.no_grad():
+        fast = model.forward_features(pixels)
+        logits = model(pixels).logits  # the whole forward takes the same path
+    torch.testing.assert_close(fast, eager, rtol=1e-4, atol=1e-5)
+    assert logits.shape == (3, 3)
+    with pytest.raises(ValueError, match="NaN"):  # the model's own input checks still apply
+        model(torch.full((1, 3, size, size), float("nan")))
+    monkeypatch.undo()
+    assert set(model.state_dict()) == keys  # never saved
+    model.save_pretrained(tmp_path)
+    assert ProtoQuantForImageClassification.from_pretrained(tmp_path).protoquant.__dict__["_fast_backbone"] is None
+    assert model.use_fast_backbone(False) is False and model.protoquant.__dict__["_fast_backbone"] is None
+    assert tiny_model("resnet")[0].use_fast_backbone() is False  # other families keep the eager backbone
+
+    import protoquant_hf.fast_backbone as fast_backbone
+
+    original = fast_backbone.optimize_frozen_backbone
+
+    class Shifted(torch.nn.Module):  # a copy whose features are off by 1 %
+        def __init__(self, copy):
+            super().__init__()
+            self.copy = copy
+
+        def forward(self, pixel_values):
+            outputs = self.copy(pixel_values)
+            outputs.last_hidden_state = outputs.last_hidden_state * 1.01
+            return outputs
+
+    def broken(backbone):
+        return Shifted(original(backbone))
+
+    monkeypatch.setattr(fast_backbone, "optimize_frozen_backbone", broken)
+    with pytest.raises(RuntimeError, match="differs from the eager backbone"):
+        model.use_fast_backbone()
+    assert model.protoquant.__dict__["_fast_backbone"] is None

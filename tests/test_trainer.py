@@ -1,6 +1,7 @@
 """The transformers Trainer front end: which parameters train, shared objectives, eval, save, resume."""
 
 import json
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -13,7 +14,6 @@ from transformers.trainer_utils import EvalPrediction
 
 import protoquant_hf  # noqa: F401  (registers the Auto classes)
 from protoquant_hf import ProtoQuantConfig, ProtoQuantForImageClassification
-from protoquant_hf.training.objectives import stage1_loss, stage2_loss
 from protoquant_hf.training.trainer import ProtoQuantTrainer, compute_accuracy, prepare_trainer_datasets
 
 NAMES = ["red", "green", "blue"]
@@ -117,18 +117,25 @@ def full_batch(data, split="train"):
     return torch.stack([row["pixel_values"] for row in rows]), torch.tensor([int(row["labels"]) for row in rows])
 
 
+def stage_loss(model, pixels, labels, stage="head") -> torch.Tensor:
+    """The training objective of a stage: the model's own loss in training mode."""
+    model.train()
+    with torch.no_grad():
+        loss = model(pixels, labels=labels, stage=stage).loss
+    model.eval()
+    return loss
+
+
 def test_head_stage_trains_only_w_and_lowers_the_loss(tmp_path, data):
     model = tiny_model()
     pixels, labels = full_batch(data)
-    with torch.no_grad():
-        features = model.forward_features(pixels)
-        loss_before = stage2_loss(model, features, labels, 1e-4)[0]
+    loss_before = stage_loss(model, pixels, labels)
     before = snapshot(model)
     trainer = make_trainer(tmp_path, data, model=model, l1_lambda=1e-4, args=training_args(tmp_path, learning_rate=0.5))
     assert [name for name, p in model.named_parameters() if p.requires_grad] == ["classifier.weight"]
+    assert model.config.head_l1_lambda == 1e-4
     trainer.train()
-    with torch.no_grad():
-        loss_after = stage2_loss(model, model.forward_features(pixels), labels, 1e-4)[0]
+    loss_after = stage_loss(model, pixels, labels)
     assert loss_after < loss_before - 0.03
     # Only W moved: backbone weights and BN running statistics, and the concepts, are bit-identical.
     assert changed(before, snapshot(model)) == {"classifier.weight"}
@@ -175,17 +182,15 @@ def test_codebook_stage_trains_only_concepts_and_evaluates_quantized(tmp_path, d
     trainer = make_trainer(tmp_path, data, model=model, stage="codebook", args=args)
     assert [name for name, p in model.named_parameters() if p.requires_grad] == ["protoquant.codebook.concepts"]
     pixels, labels = full_batch(data)
-    with torch.no_grad():
-        loss_before = stage1_loss(model, model.forward_features(pixels), labels)[0]
+    loss_before = stage_loss(model, pixels, labels, "codebook")
     trainer.train()
-    with torch.no_grad():
-        loss_after = stage1_loss(model, model.forward_features(pixels), labels)[0]
+    loss_after = stage_loss(model, pixels, labels, "codebook")
     assert changed(before, snapshot(model)) == {"protoquant.codebook.concepts"}
     assert loss_after < loss_before
     metrics = trainer.evaluate()
     test_pixels, test_labels = full_batch(data, "test")
     with torch.no_grad():
-        quantized = model.forward_quantized(model.forward_features(test_pixels)).logits
+        quantized = model(test_pixels, stage="codebook").logits
         head = model(test_pixels).logits
     expected = float((quantized.argmax(-1) == test_labels).float().mean())
     assert metrics["eval_accuracy"] == pytest.approx(expected)
@@ -209,9 +214,8 @@ def test_evaluate_reports_accuracy_of_class_logits(tmp_path, data):
     with torch.no_grad():
         out = model(pixels, labels=labels)
     assert metrics["eval_accuracy"] == pytest.approx(float((out.logits.argmax(-1) == labels).float().mean()))
-    # eval_loss is the stage objective, CE + λ·ΣReLU(W).
-    l1 = 1e-4 * torch.relu(model.classifier.weight.detach()).sum()
-    assert metrics["eval_loss"] == pytest.approx(float(out.loss + l1), rel=1e-4)
+    # Evaluation runs in eval mode: the loss is the plain cross-entropy (the L1 term is a training term).
+    assert metrics["eval_loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(out.logits, labels)), rel=1e-4)
     predictions = trainer.predict(data["test"]).predictions
     torch.testing.assert_close(torch.from_numpy(predictions), out.logits)
 
@@ -288,7 +292,11 @@ def test_bf16_runs_the_objectives_under_autocast(tmp_path, data):
         hook.remove()
         AcceleratorState._reset_state(reset_partial_state=True)
     assert dtypes and all(dtype == torch.bfloat16 for dtype in dtypes)
-    assert model.classifier.weight.dtype == torch.float32 and 0.0 <= metrics["eval_accuracy"] <= 1.0
+    assert model.classifier.weight.dtype == torch.float32  # the master weights stay fp32
+    pixels, labels = full_batch(data, "test")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        predictions = model.eval()(pixels).logits.argmax(-1)
+    assert metrics["eval_accuracy"] == pytest.approx(float((predictions == labels).float().mean()))
 
 
 def test_label_count_mismatch_is_one_clear_error(tmp_path):
@@ -304,3 +312,78 @@ def test_invalid_arguments(tmp_path, data):
         make_trainer(tmp_path, data, stage="both")
     with pytest.raises(ValueError, match="remove_unused_columns=False"):
         make_trainer(tmp_path, data, args=training_args(tmp_path, remove_unused_columns=True))
+
+
+def test_stock_trainer_on_a_loaded_folder_runs_exactly_stage_2(tmp_path, data):
+    """The stock `transformers.Trainer` with stock arguments: one SGD step must equal
+    W - lr · ∇(CE + λ·ΣReLU(W)) at the loaded W, and nothing but W may move."""
+    from transformers import Trainer
+
+    tiny_model().save_pretrained(tmp_path / "folder")
+    model = AutoModelForImageClassification.from_pretrained(tmp_path / "folder")
+    model.config.head_l1_lambda = 0.05  # large, so a missing L1 term would show
+    pixels, labels = full_batch(data)
+    weight = model.classifier.weight.detach().clone().requires_grad_(True)
+    with torch.no_grad():
+        scores = model(pixels).concept_scores
+    objective = torch.nn.functional.cross_entropy(scores @ torch.relu(weight).t(), labels) + 0.05 * torch.relu(weight).sum()
+    (gradient,) = torch.autograd.grad(objective, weight)
+    expected = weight.detach() - 0.1 * gradient
+    before = snapshot(model)
+    args = training_args(
+        tmp_path, optim="sgd", learning_rate=0.1, weight_decay=0.0, max_grad_norm=0.0, num_train_epochs=1,
+        per_device_train_batch_size=len(labels),
+    )
+    Trainer(model=model, args=args, train_dataset=data["train"], data_collator=None).train()
+    assert changed(before, snapshot(model)) == {"classifier.weight"}
+    torch.testing.assert_close(model.classifier.weight.detach(), expected)
+
+
+TWO_PROCESS_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from test_trainer import data_for_script, tiny_model, training_args_for_script
+from protoquant_hf.training import ProtoQuantTrainer
+from pathlib import Path
+torch.set_num_threads(1)
+model = tiny_model()
+trainer = ProtoQuantTrainer(model=model, args=training_args_for_script({out!r}, {batch}), train_dataset=data_for_script()["train"], l1_lambda=1e-3)
+trainer.train()
+if trainer.is_world_process_zero():
+    torch.save({{"weight": model.classifier.weight.detach(), "world": trainer.args.world_size}}, Path({out!r}) / "weight.pt")
+"""
+
+
+def data_for_script():
+    return prepare_trainer_datasets(image_dataset(), tiny_processor(), image_size=32)
+
+
+def training_args_for_script(out, batch):
+    return training_args(
+        Path(out), per_device_train_batch_size=batch, num_train_epochs=2, learning_rate=0.05, output_dir=str(out),
+        optim="sgd", weight_decay=0.0, max_grad_norm=0.0, dataloader_drop_last=True,
+    )
+
+
+def test_protoquant_trainer_two_processes_match_one(tmp_path):
+    """Under DDP the batches go through model(**inputs), so gradients are synchronised: two processes
+    with half the batch each reach the one-process weights."""
+    import os
+    import subprocess
+    import sys
+
+    tests = str(Path(__file__).resolve().parent)
+    results = {}
+    for processes, batch in ((1, 12), (2, 6)):
+        out = tmp_path / f"p{processes}"
+        out.mkdir()
+        script = out / "train.py"
+        script.write_text(TWO_PROCESS_SCRIPT.format(tests=tests, out=str(out), batch=batch))
+        launcher = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2"] if processes == 2 else [sys.executable]
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        result = subprocess.run([*launcher, str(script)], capture_output=True, text=True, env=env, timeout=600, cwd=out)
+        assert result.returncode == 0, result.stderr[-3000:]
+        results[processes] = torch.load(out / "weight.pt", weights_only=True)
+    assert results[1]["world"] == 1 and results[2]["world"] == 2
+    assert not torch.allclose(results[1]["weight"], tiny_model().classifier.weight.detach())  # training moved W
+    torch.testing.assert_close(results[2]["weight"], results[1]["weight"], rtol=1e-4, atol=1e-5)

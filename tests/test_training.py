@@ -14,15 +14,16 @@ from tiny_backbones import tiny_backbone_config
 from transformers import AutoModel, AutoModelForImageClassification, BitImageProcessor, pipeline
 
 from protoquant_hf import ProtoQuantForImageClassification, load_image_dataset
+from protoquant_hf.concepts import ConceptStats, extract_features, prune_by_usage
 from protoquant_hf.data import make_image_transform, with_image_size
+from protoquant_hf.modeling_protoquant import ProtoQuantModel
 from protoquant_hf.training import (
     DataArguments,
     ModelArguments,
     ProtoQuantTrainingArguments,
-    concept_usage,
-    extract_features,
+    TrainingSummary,
     initialize_concepts,
-    prune_by_usage,
+    mix_batch,
     spherical_kmeans,
     train_protoquant,
 )
@@ -93,24 +94,61 @@ def test_pipeline_writes_a_loadable_folder(trained):
     files = {p.name for p in output.iterdir()}
     assert {"config.json", "model.safetensors", "preprocessor_config.json", "training_summary.json", "train_log.jsonl"} <= files
     assert "checkpoint" not in files and not list(output.parent.glob(".*incomplete"))
-    assert json.loads((output / "training_summary.json").read_text())["results"] == summary["results"]
+    assert TrainingSummary.load(output) == summary
+    assert list(summary.phases) == ["init", "probe", "stage1", "prune", "stage2", "sparsify", "grounding"]
     model = AutoModelForImageClassification.from_pretrained(output).eval()
     assert model.config.num_concepts == model.codebook.concepts.shape[0] == model.classifier.weight.shape[1]
+    assert model.config.head_l1_lambda == summary.arguments["training"]["l1_lambda"]
     image = _pattern(1, np.random.default_rng(5))
     results = pipeline("image-classification", model=str(output))(image)
     assert {r["label"] for r in results} == {"horizontal", "vertical", "checker"}
 
 
-def test_summary_reports_every_stage(trained):
-    results = trained[1]["results"]
-    for key in ("linear_probe_accuracy", "stage1_accuracy", "stage2_accuracy", "sparsify_accuracy", "accuracy"):
-        assert 0.0 <= results[key] <= 1.0, key
-    assert results["init_usage"]["num_concepts"] == 8
-    assert sum(1 for _ in range(results["init_usage"]["num_concepts"])) == 8
-    assert results["concepts_per_class"]["max"] <= 2  # top-2 sparsification
-    assert -1.0 <= results["grounding"]["grounding_min"] <= results["grounding"]["grounding_mean"] <= 1.0
+def _test_split(image_folder, output):
+    processor = BitImageProcessor.from_pretrained(output)
+    dataset = load_image_dataset(str(image_folder))["test"].with_transform(make_image_transform(processor))
+    batch = dataset[: len(dataset)]
+    return batch["pixel_values"], batch["labels"]
+
+
+def test_summary_figures_are_those_of_the_saved_model(trained, image_folder):
+    """Every headline figure recomputed independently from the saved folder."""
+    output, summary = trained
+    model = ProtoQuantForImageClassification.from_pretrained(output).eval()
+    pixels, labels = _test_split(image_folder, output)
+    with torch.no_grad():
+        features = model.forward_features(pixels)
+        logits = model(feature_maps=features).logits
+        probe_logits = model.original_head.classifier(features.mean(dim=(2, 3)))
+    assert summary.accuracy == pytest.approx(float((logits.argmax(-1) == labels).float().mean()))
+    assert summary.linear_probe_accuracy == pytest.approx(float((probe_logits.argmax(-1) == labels).float().mean()))
+    assert summary.num_concepts == model.config.num_concepts
+    per_class = (torch.relu(model.classifier.weight) > 0.1).sum(dim=1)
+    assert summary.concepts_per_class.max == int(per_class.max()) <= 2  # top-2 sparsification
+    assert summary.concepts_per_class.mean == pytest.approx(float(per_class.float().mean()))
+    init, stage1 = summary.phases["init"], summary.phases["stage1"]
+    assert init.usage.num_concepts == 8 and init.method == "class_kmeans"
+    assert stage1.usage.num_concepts == 8 and stage1.epochs == 2
+    removed = summary.phases["sparsify"].concepts_removed
+    assert summary.num_concepts == summary.phases["prune"].num_concepts - removed
+
+
+def test_grounding_is_that_of_the_final_concepts(trained, image_folder):
+    output, summary = trained
+    model = ProtoQuantForImageClassification.from_pretrained(output).eval()
+    train = load_image_dataset(str(image_folder))["train"]
+    processor = BitImageProcessor.from_pretrained(output)
+    batch = train.with_transform(make_image_transform(processor))[: len(train)]
+    with torch.no_grad():
+        vectors = model.forward_features(batch["pixel_values"]).flatten(2).transpose(1, 2).reshape(-1, 16)
+    concepts = model.codebook.concepts.detach()
+    eps = model.config.cosine_eps
+    cosine = (concepts @ vectors.T) / ((concepts.norm(dim=1, keepdim=True) + eps) * (vectors.norm(dim=1) + eps))
+    best = cosine.max(dim=1).values
+    assert summary.grounding.mean == pytest.approx(float(best.mean()), abs=1e-4)
+    assert summary.grounding.min == pytest.approx(float(best.min()), abs=1e-4)
     # Frozen concepts stay grounded: every concept is a k-means centroid of real feature vectors.
-    assert results["grounding"]["grounding_min"] > 0.5
+    assert summary.grounding.min > 0.5
 
 
 def test_losses_decrease(trained):
@@ -120,10 +158,15 @@ def test_losses_decrease(trained):
         assert len(losses) >= 2 and losses[-1] < losses[0], (stage, losses)
 
 
-def test_head_is_non_negative_after_training(trained):
+def test_sparsified_head_uses_at_most_k_concepts_per_class(trained):
     model = ProtoQuantForImageClassification.from_pretrained(trained[0])
-    features = torch.relu(torch.randn(3, model.protoquant.hidden_size, 2, 2))
-    assert (model.classify_features(features).logits >= 0).all()
+    weight = model.classifier.weight.detach()
+    assert ((weight > 0).sum(dim=1) <= 2).all()  # exact zeros (or negatives) everywhere else
+    assert (weight > 0).any(dim=0).all()  # every remaining concept serves some class
+    scores = torch.rand(4, model.config.num_concepts)
+    out = model(concept_scores=scores, output_concept_contributions=True)
+    torch.testing.assert_close(out.concept_contributions.sum(-1), out.logits)
+    assert (out.concept_contributions[:, weight <= 0] == 0).all()
 
 
 def _cache(model, image_folder, processor_size=SIZE, split="train"):
@@ -134,15 +177,15 @@ def _cache(model, image_folder, processor_size=SIZE, split="train"):
     return extract_features(model, dataset[split], processor, make_image_transform(processor), split=split, dtype="float32")
 
 
-def test_usage_counting_and_pruning_shrink_codebook_and_head(image_folder, backbone_folder):
+def test_usage_based_pruning_on_real_features(image_folder, backbone_folder):
     model = ProtoQuantForImageClassification.from_backbone(str(backbone_folder), num_concepts=10, id2label={0: "a", 1: "b", 2: "c"})
     cache = _cache(model, image_folder)
     initialize_concepts(model, cache, "kmeans", kmeans_iterations=5)
-    usage = concept_usage(model, cache)
+    stats = ConceptStats.collect(model, cache)
     height, width = cache.features.shape[-2:]
-    assert usage.sum() == len(cache) * height * width
+    assert stats.usage.sum() == len(cache) * height * width
     kept_before = model.classifier.weight.detach().clone()
-    history = prune_by_usage(model, lambda m: concept_usage(m, cache), target_num_concepts=4, steps=2)
+    history = prune_by_usage(model, lambda m: ConceptStats.collect(m, cache).usage, target_num_concepts=4, steps=2)
     assert len(history) == 2 and model.config.num_concepts == 4
     assert model.codebook.concepts.shape[0] == 4 and model.classifier.weight.shape == (3, 4)
     # surviving columns of W are columns of the original W
@@ -188,6 +231,8 @@ def test_resume_after_interruption_reaches_same_state(image_folder, backbone_fol
     progress = json.loads((tmp_path / ".interrupted.incomplete" / "progress.json").read_text())
     assert (progress["phase"], progress["epoch"]) == ("stage2", 2)
     train_protoquant(*run_args(image_folder, backbone_folder, interrupted, resume=True, checkpoints_per_stage=checkpoints_per_stage))
+    resumed_summary = TrainingSummary.load(interrupted)
+    assert resumed_summary.phases.keys() == TrainingSummary.load(reference).phases.keys()
     expected = ProtoQuantForImageClassification.from_pretrained(reference)
     resumed = ProtoQuantForImageClassification.from_pretrained(interrupted)
     torch.testing.assert_close(resumed.classifier.weight, expected.classifier.weight)
@@ -249,13 +294,14 @@ def test_two_processes_match_one_process(image_folder, backbone_folder, tmp_path
     assert one.returncode == 0, one.stderr[-3000:]
     two = _launch([*common, "--batch_size", "8", "--output_dir", str(tmp_path / "two")], tmp_path, 2)
     assert two.returncode == 0, two.stderr[-3000:]
-    summary_one = json.loads((tmp_path / "one" / "training_summary.json").read_text())
-    summary_two = json.loads((tmp_path / "two" / "training_summary.json").read_text())
-    assert summary_two["processes"] == 2 and summary_one["processes"] == 1
-    for key in ("init_usage", "stage1_usage"):
-        assert summary_two["results"][key] == summary_one["results"][key], key
-    for key in ("linear_probe_accuracy", "stage1_accuracy", "stage2_accuracy"):
-        assert abs(summary_two["results"][key] - summary_one["results"][key]) <= 0.005, key
+    summary_one = TrainingSummary.load(tmp_path / "one")
+    summary_two = TrainingSummary.load(tmp_path / "two")
+    assert summary_two.processes == 2 and summary_one.processes == 1
+    one, two = summary_one.phases, summary_two.phases
+    assert two["init"].usage == one["init"].usage and two["stage1"].usage == one["stage1"].usage
+    for phase in ("probe", "stage1", "stage2"):
+        assert abs(two[phase].accuracy - one[phase].accuracy) <= 0.005, phase
+    assert two["grounding"].grounding.min == pytest.approx(one["grounding"].grounding.min, abs=1e-4)
     model_one = ProtoQuantForImageClassification.from_pretrained(tmp_path / "one")
     model_two = ProtoQuantForImageClassification.from_pretrained(tmp_path / "two")
     # Same updates (and learning-rate schedule) up to float summation order.
@@ -264,29 +310,92 @@ def test_two_processes_match_one_process(image_folder, backbone_folder, tmp_path
 
 
 def test_augmented_training_runs_the_backbone_on_fresh_pixels(image_folder, backbone_folder, tmp_path, monkeypatch):
-    import protoquant_hf.training.pipeline as pipeline_module
-
     calls = []
-    original = pipeline_module.fast_feature_fn
+    original = ProtoQuantModel._backbone_forward
 
-    def counting_feature_fn(model):
-        compute = original(model)
+    def counting(self, pixel_values, **kwargs):
+        calls.append(pixel_values.shape[0])
+        return original(self, pixel_values, **kwargs)
 
-        def wrapped(pixels):
-            calls.append(pixels.shape[0])
-            return compute(pixels)
-
-        return wrapped
-
-    monkeypatch.setattr(pipeline_module, "fast_feature_fn", counting_feature_fn)
+    monkeypatch.setattr(ProtoQuantModel, "_backbone_forward", counting)
     data, model, training = run_args(image_folder, backbone_folder, tmp_path / "augmented", stage1_epochs=1, stage2_epochs=1)
     data.augment, data.cache_dir = True, str(tmp_path / "fresh-cache")  # fresh cache: extraction counted too
     summary = train_protoquant(data, model, training)
     extraction = 48 + 24 + 2  # both caches (+ one probe image each)
     # every training epoch (one in each stage) ran the backbone over all 48 training images again
     assert sum(calls) == extraction + 2 * 48
-    assert summary["arguments"]["data"]["augment"] is True
-    assert 0.0 <= summary["results"]["accuracy"] <= 1.0
+    assert summary.arguments["data"]["augment"] is True
+
+
+def test_mix_batch_mixup_and_cutmix_oracles():
+    inputs = torch.arange(4 * 2 * 4 * 4, dtype=torch.float32).reshape(4, 2, 4, 4)
+    labels = torch.tensor([0, 1, 2, 0])
+
+    def smoothed(which):
+        return torch.nn.functional.one_hot(which, 3).float() * 0.9 + 0.1 / 3
+
+    # Mixup: the expected lambda is the same draw from an identically seeded generator.
+    expected_rng = np.random.default_rng(7)
+    expected_rng.random()
+    lam = expected_rng.beta(0.8, 0.8)
+    mixed, targets = mix_batch(inputs, labels, 3, switch_prob=0.0, rng=np.random.default_rng(7))
+    torch.testing.assert_close(mixed, lam * inputs + (1 - lam) * inputs.flip(0))
+    torch.testing.assert_close(targets, lam * smoothed(labels) + (1 - lam) * smoothed(labels.flip(0)))
+    # CutMix: one box comes from the flipped batch, the rest is untouched, targets follow the area.
+    mixed, targets = mix_batch(inputs, labels, 3, switch_prob=1.0, rng=np.random.default_rng(3))
+    from_flipped = (mixed == inputs.flip(0)) & (mixed != inputs)
+    box = from_flipped[0, 0]
+    assert box.any() and ((mixed == inputs) | from_flipped).all()
+    area = float(box.float().mean())
+    torch.testing.assert_close(targets, (1 - area) * smoothed(labels) + area * smoothed(labels.flip(0)))
+    torch.testing.assert_close(targets.sum(dim=1), torch.ones(4))
+
+
+def _final_model(output) -> ProtoQuantForImageClassification:
+    return ProtoQuantForImageClassification.from_pretrained(output)
+
+
+def test_training_options_change_what_they_say(image_folder, backbone_folder, tmp_path):
+    """--train_concepts, --mixup, --prune_to, dead-concept removal and --backbone_feature_layer,
+    each against the plain run with the same seed."""
+    def run(name, model_kwargs=None, **training):
+        data, model, training_args = run_args(image_folder, backbone_folder, tmp_path / name, **training)
+        for key, value in (model_kwargs or {}).items():
+            setattr(model, key, value)
+        return train_protoquant(data, model, training_args), _final_model(tmp_path / name)
+
+    plain_summary, plain = run("plain")
+    assert plain_summary.phases["prune"].dead_removed == 0
+
+    # Fine-tuned concepts move in stage 2; frozen ones are exactly the stage-1 concepts.
+    tuned_summary, tuned = run("tuned", train_concepts=True, concept_lr=0.05)
+    assert tuned_summary.phases["stage1"].usage == plain_summary.phases["stage1"].usage  # same run up to stage 2
+    assert not torch.allclose(tuned.codebook.concepts, plain.codebook.concepts)
+    assert tuned_summary.grounding.mean < plain_summary.grounding.mean
+
+    # Mixup trains the head on mixed feature maps with soft targets: another W from the same start.
+    mixed_summary, mixed = run("mixup", mixup=True)
+    torch.testing.assert_close(mixed.codebook.concepts, plain.codebook.concepts)
+    assert not torch.allclose(mixed.classifier.weight, plain.classifier.weight)
+    assert mixed_summary.arguments["training"]["mixup"] is True
+
+    # Usage-based pruning to 4 concepts in 4 rounds of one.
+    pruned_summary, pruned = run("pruned", prune_to=4)
+    prune = pruned_summary.phases["prune"]
+    assert prune.num_concepts == 4 == pruned.config.num_concepts == pruned.classifier.weight.shape[1]
+    assert [r.num_concepts for r in prune.usage_rounds] == [8, 7, 6, 5]
+
+    # Orthogonal concepts on non-negative ReLU features: most are never selected, and are removed.
+    dead_summary, dead = run("dead", concept_init="orthogonal")
+    dead_after_stage1 = dead_summary.phases["stage1"].usage.dead_concepts
+    assert dead_after_stage1 > 0
+    assert dead_summary.phases["prune"].dead_removed == dead_after_stage1
+    assert dead.config.num_concepts == 8 - dead_after_stage1
+
+    # An earlier backbone stage: 8 channels instead of 16, saved in the config.
+    layer_summary, layer = run("layer", model_kwargs={"backbone_feature_layer": 1})
+    assert layer_summary.dataset.feature_map[0] == 8 == layer.codebook.concepts.shape[1]
+    assert layer.config.backbone_feature_layer == 1
 
 
 def test_random_augment_is_seeded_and_keeps_size():

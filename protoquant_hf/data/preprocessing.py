@@ -8,8 +8,8 @@ Preprocessing belongs to the backbone, so it is delegated to the backbone's own 
   rescales high-bit-depth images to 8 bits and composites transparency on white first.
 * **Resolution.** ProtoQuant trains a head on a frozen backbone, often at a lower resolution than the backbone's
   default (fast CPU runs, 28 px source images). :func:`with_image_size` returns a copy of the processor set to one
-  square size, keeping the processor's own resize-to-crop ratio, so the same processor can be saved with the model
-  and used by pipelines at inference time.
+  square size (its size fields say that size), so the same processor can be saved with the model and used by
+  pipelines at inference time.
 * **Laziness.** :func:`make_image_transform` builds a function for ``Dataset.set_transform`` /
   ``Dataset.with_transform``, so images are decoded and processed per batch and nothing is materialised twice.
 
@@ -79,12 +79,13 @@ def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
 
 
 def with_image_size(image_processor: BaseImageProcessor, image_size: int) -> BaseImageProcessor:
-    """A copy of ``image_processor`` that outputs ``image_size`` x ``image_size`` pixel values.
+    """A copy of ``image_processor`` that outputs ``image_size`` x ``image_size`` pixel values, and says so.
 
-    Processors that resize and then center-crop (``BitImageProcessor``, ``CLIPImageProcessor``, …) keep their
-    resize-to-crop ratio: a 256 → 224 processor asked for 112 px resizes to 128 and crops 112. Processors without a
-    crop resize straight to the size: ``{"height", "width"}`` ones (``ViTImageProcessor``) to the square,
-    ``{"shortest_edge"}`` ones (``ConvNextImageProcessor``) to the short side.
+    Its size fields name the resolution the model is trained and served at, because recipes read them (the official
+    image-classification example trains at ``size["shortest_edge"]``): ``{"shortest_edge"}`` processors
+    (``BitImageProcessor``, ``CLIPImageProcessor``, ``ConvNextImageProcessor``, …) resize the short side to
+    ``image_size`` and, when they center-crop, crop ``image_size`` x ``image_size``; ``{"height", "width"}``
+    processors (``ViTImageProcessor``, ``EfficientNetImageProcessor``) resize to the square.
 
     Args:
         image_processor: The backbone's transformers image processor.
@@ -95,18 +96,11 @@ def with_image_size(image_processor: BaseImageProcessor, image_size: int) -> Bas
     """
     config = image_processor.to_dict()
     size = config.get("size") or {}
-    crop = config.get("crop_size") if config.get("do_center_crop") else None
-    scale = image_size / crop["height"] if crop else None
-
-    def resized(edge: int) -> int:
-        return round(edge * scale) if scale else image_size
-
     if size.get("shortest_edge") is not None:
-        config["size"] = {"shortest_edge": resized(size["shortest_edge"])}
+        config["size"] = {"shortest_edge": image_size}
     else:
-        height, width = size.get("height", image_size), size.get("width", image_size)
-        config["size"] = {"height": resized(height), "width": resized(width)}
-    if crop:
+        config["size"] = {"height": image_size, "width": image_size}
+    if config.get("do_center_crop") and config.get("crop_size"):
         config["crop_size"] = {"height": image_size, "width": image_size}
     return type(image_processor).from_dict(config)
 

@@ -5,7 +5,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..configuration_protoquant import CONCEPT_INITS
+import math
+
+from ..configuration_protoquant import ProtoQuantConfig
+from .concept_init import CONCEPT_INITS
+
+# Model defaults live in the config; the arguments show and pass them on.
+_CONFIG_DEFAULTS = ProtoQuantConfig()
+LOG_LEVELS = ("passive", "debug", "info", "warning", "error", "critical")
 
 
 @dataclass
@@ -54,8 +61,12 @@ class ModelArguments:
             "(protoquant/efficientnet-lite0, protoquant/efficientnet-lite2)."
         },
     )
-    num_concepts: int = field(default=256, metadata={"help": "K, the number of concepts in the codebook."})
-    temperature: float = field(default=0.1, metadata={"help": "τ of the softmax over concepts at each location."})
+    num_concepts: int = field(
+        default=_CONFIG_DEFAULTS.num_concepts, metadata={"help": "K, the number of concepts in the codebook."}
+    )
+    temperature: float = field(
+        default=_CONFIG_DEFAULTS.temperature, metadata={"help": "τ of the softmax over concepts at each location."}
+    )
     backbone_feature_layer: int = field(
         default=-1, metadata={"help": "Which backbone feature map to use (-1 = the last stage)."}
     )
@@ -63,8 +74,8 @@ class ModelArguments:
     def __post_init__(self):
         if self.num_concepts < 1:
             raise ValueError(f"--num_concepts must be >= 1, got {self.num_concepts}.")
-        if not self.temperature > 0:
-            raise ValueError(f"--temperature must be > 0, got {self.temperature}.")
+        if not 0 < self.temperature < math.inf:
+            raise ValueError(f"--temperature must be finite and > 0, got {self.temperature}.")
 
 
 @dataclass
@@ -84,6 +95,14 @@ class ProtoQuantTrainingArguments:
     batch_size: int = field(default=256, metadata={"help": "Batch size (per process) of both training stages."})
     extraction_batch_size: int = field(default=64, metadata={"help": "Images per backbone forward pass."})
     mixed_precision: str = field(default="no", metadata={"help": "Accelerate mixed precision: no, bf16 or fp16."})
+    log_level: str = field(
+        default="passive",
+        metadata={
+            "help": "Logging level of transformers and protoquant_hf: debug, info, warning, error, critical, or "
+            "passive (leave it as it is), as in transformers' TrainingArguments."
+        },
+    )
+    disable_tqdm: bool = field(default=False, metadata={"help": "Hide the progress bars (one per phase)."})
     # Stage 1: the codebook.
     concept_init: str = field(
         default="class_kmeans",
@@ -100,7 +119,9 @@ class ProtoQuantTrainingArguments:
     kmeans_iterations: int = field(default=20, metadata={"help": "Lloyd iterations of spherical k-means."})
     stage1_epochs: int = field(default=3, metadata={"help": "Epochs of stage-1 codebook training (0 = init only)."})
     stage1_lr: float = field(default=5e-4, metadata={"help": "Adam learning rate of the concepts in stage 1."})
-    codebook_loss_weight: float = field(default=1.0, metadata={"help": "w in L = CE + w·MSE(code, stop_grad(feature))."})
+    codebook_loss_weight: float = field(
+        default=_CONFIG_DEFAULTS.codebook_loss_weight, metadata={"help": "w in L = CE + w·MSE(code, stop_grad(feature))."}
+    )
     drop_dead_concepts: bool = field(
         default=True, metadata={"help": "After stage 1, remove concepts no training location selects."}
     )
@@ -120,7 +141,10 @@ class ProtoQuantTrainingArguments:
             "hundreds of concepts the presence scores are nearly flat."
         },
     )
-    l1_lambda: float = field(default=1e-4, metadata={"help": "λ of the sparsity term λ·ΣReLU(W)."})
+    l1_lambda: float = field(
+        default=_CONFIG_DEFAULTS.head_l1_lambda,
+        metadata={"help": "λ of the sparsity term λ·ΣReLU(W) (saved as config.head_l1_lambda, which the stock Trainer uses)."},
+    )
     train_concepts: bool = field(
         default=False,
         metadata={"help": "Also fine-tune the concepts in stage 2 (official code default; destroys grounding)."},
@@ -140,8 +164,10 @@ class ProtoQuantTrainingArguments:
     warmup_ratio: float = field(default=0.05, metadata={"help": "Linear warm-up share of each stage's steps (cosine decay after)."})
 
     def __post_init__(self):
-        if self.l1_lambda < 0:
-            raise ValueError(f"--l1_lambda must be >= 0, got {self.l1_lambda}.")
+        if not 0 <= self.l1_lambda < math.inf:
+            raise ValueError(f"--l1_lambda must be finite and >= 0, got {self.l1_lambda}.")
+        if self.log_level not in LOG_LEVELS:
+            raise ValueError(f"--log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}.")
         if self.concept_init not in CONCEPT_INITS:
             raise ValueError(f"--concept_init must be one of {', '.join(CONCEPT_INITS)}, got {self.concept_init!r}.")
         if self.overwrite and self.resume:

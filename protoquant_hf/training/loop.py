@@ -19,11 +19,11 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from .features import FeatureCache
+from ..concepts import FeatureCache
 
 
 class AugmentedImages:
-    """Training images augmented on the fly, served like a FeatureCache (`batches`, `labels`).
+    """Training images augmented on the fly, served like a FeatureCache (`read`, `labels`).
 
     The alternative to the cache when images are augmented: each batch is freshly augmented
     pixels, so the objective must run the backbone itself. Row i is the cache's row i."""
@@ -35,11 +35,9 @@ class AugmentedImages:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def batches(self, batch_size: int, indices: np.ndarray | None = None):
-        order = np.arange(len(self)) if indices is None else indices
-        for start in range(0, len(order), batch_size):
-            batch = self.dataset[[int(i) for i in order[start : start + batch_size]]]
-            yield batch["pixel_values"], batch["labels"]
+    def read(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = self.dataset[[int(i) for i in rows]]
+        return batch["pixel_values"], batch["labels"]
 
 
 class Objective(nn.Module):
@@ -71,8 +69,8 @@ def epoch_batches(num_rows: int, batch_size: int, epoch: int, seed: int, acceler
 
 def take_rows(inputs, labels, index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows `index` of a training source: a FeatureCache / AugmentedImages, or in-memory tensors."""
-    if hasattr(inputs, "batches"):
-        return next(inputs.batches(len(index), index))
+    if hasattr(inputs, "read"):
+        return inputs.read(index)
     return inputs[index], torch.as_tensor(labels)[index]
 
 
@@ -128,6 +126,7 @@ def fit(
     restore: Callable[[], None] | None = None,
     transform_batch: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
     on_epoch_end: Callable[[int, dict], None] | None = None,
+    show_progress: bool = True,
 ) -> list[dict]:
     """Train `objective` with Adam and a warm-up + cosine schedule.
 
@@ -138,6 +137,7 @@ def fit(
             scheduler and weights after `prepare`.
         transform_batch: optional (inputs, labels, rng) → (inputs, targets), e.g. Mixup/CutMix.
         on_epoch_end: called with (epoch index, log record) after every epoch, e.g. to checkpoint.
+        show_progress: one progress bar for the stage (epochs as steps, the loss in its postfix).
 
     Returns:
         One log record per epoch run: epoch, mean loss, learning rate, seconds.
@@ -155,14 +155,16 @@ def fit(
     if restore is not None:
         restore()
     records = []
+    bar = tqdm(
+        total=epochs, initial=start_epoch, desc=desc, unit="epoch",
+        disable=not (show_progress and accelerator.is_local_main_process),
+    )
     try:
         for epoch in range(start_epoch, epochs):
             prepared.train()
             start, losses = time.perf_counter(), []
-            batches = epoch_batches(num_rows, batch_size, epoch, seed, accelerator)
             rng = np.random.default_rng([seed, epoch, accelerator.process_index])
-            bar = tqdm(batches, desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False, disable=not accelerator.is_local_main_process)
-            for index in bar:
+            for index in epoch_batches(num_rows, batch_size, epoch, seed, accelerator):
                 batch, targets = take_rows(inputs, labels, index)
                 batch, targets = batch.to(accelerator.device), targets.to(accelerator.device)
                 if transform_batch is not None:
@@ -182,11 +184,12 @@ def fit(
                 "seconds": time.perf_counter() - start,
             }
             records.append(record)
-            if accelerator.is_main_process:
-                tqdm.write(f"{desc} epoch {epoch + 1}/{epochs}: loss {record['loss']:.4f} ({record['seconds']:.1f} s)")
+            bar.set_postfix(loss=f"{record['loss']:.4f}")
+            bar.update()
             if on_epoch_end is not None:
                 on_epoch_end(epoch, record)
     finally:
+        bar.close()
         accelerator.free_memory()
     return records
 

@@ -1,19 +1,17 @@
-"""The training objectives of both stages, shared by every front end (Accelerate loop, Trainer).
+"""The training objectives of both stages, as the Accelerate loop calls them.
 
-Each takes feature maps, so the same code serves pixels (features computed on the fly) and the
-feature cache (features read from disk).
+Both stages' losses live in the model's `forward` (so the stock `transformers.Trainer` trains with
+them too); this module only adapts them to what a training source yields (pixels, cached feature
+maps, a precomputed score table) and adds the soft-target cross-entropy of Mixup/CutMix.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-
-def l1_penalty(model) -> torch.Tensor:
-    """Σ ReLU(W): the sparsity term on the concept→class weights (L1 on ReLU(W), not |W|; §3.7)."""
-    return F.relu(model.classifier.weight).sum()
 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -59,23 +57,33 @@ def mix_batch(
     return inputs, targets * lam + targets.flip(0) * (1 - lam)
 
 
-def head_loss(model, concept_scores: torch.Tensor, targets: torch.Tensor, l1_lambda: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stage 2 on concept scores: CE + λ·ΣReLU(W). Returns (loss, logits)."""
-    logits = model.forward_head(concept_scores)
-    return soft_cross_entropy(logits, targets) + l1_lambda * l1_penalty(model), logits
+def model_objective(stage: str, input_name: str) -> Callable:
+    """The training objective of one stage as `fn(model, inputs, targets) -> (loss, logits)`.
+
+    The loss is the model's own (`forward(..., labels=..., stage=stage)`: CE + λ·ΣReLU(W) for the
+    head, CE + w·MSE for the codebook), so the Accelerate loop, the Trainer and a user's own loop
+    optimise the same thing. Only soft targets (Mixup/CutMix) replace the library's CE, by the soft
+    cross-entropy on the model's logits plus its own sparsity term.
+
+    Args:
+        stage: `"head"` or `"codebook"`.
+        input_name: what the training source yields: `"pixel_values"`, `"feature_maps"` or
+            `"concept_scores"` (a precomputed score table, frozen concepts).
+    """
+
+    def objective(model, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if targets.ndim == 1:
+            outputs = model(**{input_name: inputs}, labels=targets, stage=stage)
+            return outputs.loss, outputs.logits
+        if stage != "head":
+            raise ValueError("Soft targets (Mixup/CutMix) are supported in the head stage only.")
+        outputs = model(**{input_name: inputs}, stage=stage)
+        loss = soft_cross_entropy(outputs.logits, targets)
+        if outputs.sparsity_loss is not None:
+            loss = loss + outputs.sparsity_loss
+        return loss, outputs.logits
+
+    return objective
 
 
-def stage2_loss(model, feature_maps: torch.Tensor, targets: torch.Tensor, l1_lambda: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stage 2 (§4.3) on feature maps: concept scores, then `head_loss`. Returns (loss, logits)."""
-    return head_loss(model, model.forward_concepts(feature_maps).concept_scores, targets, l1_lambda)
-
-
-def stage1_loss(model, feature_maps: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stage 1 (§4.1): CE of the frozen original head on quantized features + w·codebook MSE.
-    Returns (loss, logits)."""
-    quantized = model.forward_quantized(feature_maps)
-    loss = soft_cross_entropy(quantized.logits, targets) + model.config.codebook_loss_weight * quantized.codebook_loss
-    return loss, quantized.logits
-
-
-__all__ = ["head_loss", "l1_penalty", "mix_batch", "soft_cross_entropy", "stage1_loss", "stage2_loss"]
+__all__ = ["mix_batch", "model_objective", "soft_cross_entropy"]

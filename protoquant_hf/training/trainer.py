@@ -1,10 +1,15 @@
-"""The transformers ``Trainer`` front end: fine-tune a ProtoQuant head with stock ``TrainingArguments``.
+"""The transformers ``Trainer`` front end for ProtoQuant.
+
+The stock ``transformers.Trainer`` already trains a ProtoQuant model correctly: loading a folder
+leaves only the concept→class weights W trainable, and the model's loss in training mode is the
+stage-2 objective CE + λ·ΣReLU(W) with λ = ``config.head_l1_lambda``. `ProtoQuantTrainer` adds
+stage switches (stage 1, fine-tuned concepts), a default collator and early checks of the datasets:
 
 ```python
 >>> from transformers import TrainingArguments
->>> from protoquant_hf.training.trainer import ProtoQuantTrainer, compute_accuracy, prepare_trainer_datasets
+>>> from protoquant_hf.training import ProtoQuantTrainer, compute_accuracy, prepare_trainer_datasets
 >>> data = prepare_trainer_datasets(load_image_dataset("animal-mnist"), processor, image_size=64)
->>> args = TrainingArguments("out", remove_unused_columns=False, num_train_epochs=3, learning_rate=1e-2)
+>>> args = TrainingArguments("out", remove_unused_columns=False, num_train_epochs=3, learning_rate=0.3)
 >>> trainer = ProtoQuantTrainer(
 ...     model, args, train_dataset=data["train"], eval_dataset=data["test"],
 ...     processing_class=processor, compute_metrics=compute_accuracy, stage="head", l1_lambda=1e-4,
@@ -12,37 +17,25 @@
 >>> trainer.train(); trainer.evaluate()["eval_accuracy"]; trainer.save_model("out/final")
 ```
 
-The subclass only decides *which* parameters train and *which* objective they minimise; the
-objectives themselves are the shared ones of `objectives.py` (also used by the Accelerate loop), so
-both front ends optimise exactly the same thing:
-
-* ``stage="head"`` (stage 2, default): CE + λ·ΣReLU(W) on the concept→class matrix W
-  (`stage2_loss`); the concepts train too only with ``train_concepts=True``.
+* ``stage="head"`` (stage 2, default): W with CE + λ·ΣReLU(W); the concepts train too only with
+  ``train_concepts=True``.
 * ``stage="codebook"`` (stage 1): the concepts alone, through the frozen stage-1 head on quantized
-  features (`stage1_loss`); evaluation then reports the *quantized* accuracy.
+  features; evaluation then reports the *quantized* accuracy.
 
-The backbone is always frozen (and stays in eval mode, so batch-norm statistics never move).
-
-Single process only (one CPU/GPU, or ``nn.DataParallel``): the objectives call the model's stage
-methods directly, past the DDP wrapper, so multi-process runs would not synchronise gradients; use
-`train_protoquant` (Accelerate) for those.
+Every batch goes through ``model(**inputs, stage=...)``, the model's own forward, so the Trainer's
+DDP wrapper synchronises gradients and multi-process runs work like single-process ones. The
+backbone is always frozen and stays in eval mode, so batch-norm statistics never move.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
-import torch
 from torch import nn
 from transformers import Trainer
 from transformers.trainer_utils import EvalPrediction
 
 from ..data.preprocessing import collate_fn, make_image_transform
-from ..modeling_protoquant import ProtoQuantImageClassifierOutput, ProtoQuantQuantizedOutput
-from .objectives import stage1_loss, stage2_loss
-
-STAGES = ("head", "codebook")
+from ..modeling_protoquant import TRAINING_STAGES
 
 
 def compute_accuracy(eval_pred: EvalPrediction) -> dict[str, float]:
@@ -111,27 +104,25 @@ class ProtoQuantTrainer(Trainer):
     """`transformers.Trainer` for one ProtoQuant training stage on images.
 
     Args:
-        stage: ``"head"`` (stage 2: W, with the shared `stage2_loss`) or ``"codebook"`` (stage 1:
-            the concepts through the frozen stage-1 head, `stage1_loss`; needs `model.original_head`).
-        l1_lambda: λ of the L1 term on ReLU(W) in the head stage (≥ 0).
+        stage: ``"head"`` (stage 2: W) or ``"codebook"`` (stage 1: the concepts through the frozen
+            stage-1 head; needs `model.original_head`).
+        l1_lambda: λ of the L1 term on ReLU(W) in the head stage (≥ 0); stored as
+            ``config.head_l1_lambda`` (so the saved model records it). ``None`` keeps the config's.
         train_concepts: also fine-tune the concepts in the head stage (off by default: it loosens
             their grounding in real training features).
         *args, **kwargs: as for `transformers.Trainer`; ``data_collator`` defaults to `collate_fn`.
 
-    At construction exactly the parameters of the stage get ``requires_grad=True`` (everything else,
-    the backbone always, is frozen), so the Trainer's optimizer sees only those.
+    At construction `model.set_trainable(stage, train_concepts)` decides which parameters train (the
+    backbone never), so the Trainer's optimizer sees only those.
     """
 
-    # compute_loss returns a per-batch mean: the Trainer divides it by the accumulation steps.
-    loss_is_scaled_for_ga = False
-
-    def __init__(self, *args, stage: str = "head", l1_lambda: float = 1e-4, train_concepts: bool = False, **kwargs):
-        if stage not in STAGES:
-            raise ValueError(f"stage must be one of {STAGES}; got {stage!r}.")
-        if not isinstance(l1_lambda, (int, float)) or not np.isfinite(l1_lambda) or l1_lambda < 0:
+    def __init__(self, *args, stage: str = "head", l1_lambda: float | None = None, train_concepts: bool = False, **kwargs):
+        if stage not in TRAINING_STAGES:
+            raise ValueError(f"stage must be one of {TRAINING_STAGES}; got {stage!r}.")
+        if l1_lambda is not None and (not isinstance(l1_lambda, (int, float)) or not np.isfinite(l1_lambda) or l1_lambda < 0):
             raise ValueError(f"l1_lambda must be a finite number >= 0; got {l1_lambda!r}.")
         self.stage = stage
-        self.l1_lambda = float(l1_lambda)
+        self.l1_lambda = None if l1_lambda is None else float(l1_lambda)
         self.train_concepts = bool(train_concepts)
         if len(args) < 3 and kwargs.get("data_collator") is None:
             kwargs["data_collator"] = collate_fn
@@ -139,44 +130,28 @@ class ProtoQuantTrainer(Trainer):
         if model is not None:
             self._configure_model(model)
         super().__init__(*args, **kwargs)
-        if self.args.world_size > 1:
-            raise ValueError(
-                "ProtoQuantTrainer runs in a single process (its objectives bypass the DDP wrapper); "
-                f"this run has {self.args.world_size} processes. Use protoquant_hf.training.train_protoquant "
-                "(Accelerate) for multi-process training."
-            )
         self._check_datasets()
 
-    # ---- set-up -------------------------------------------------------------------------------
-
     def _configure_model(self, model: nn.Module) -> None:
-        """Freeze everything but the parameters this stage trains."""
-        for name in ("forward_features", "classifier", "codebook"):
-            if not hasattr(model, name):
-                raise TypeError(
-                    f"ProtoQuantTrainer needs a ProtoQuantForImageClassification model; got {type(model).__name__}."
-                )
+        if not hasattr(model, "set_trainable") or not hasattr(model, "classifier"):
+            raise TypeError(f"ProtoQuantTrainer needs a ProtoQuantForImageClassification model; got {type(model).__name__}.")
         if self.stage == "codebook" and getattr(model, "original_head", None) is None:
             raise ValueError(
                 "stage='codebook' trains the concepts through the frozen stage-1 head, but the model has "
                 "none: build it with from_backbone from a classification checkpoint, or install a fitted "
                 "probe with model.set_stage1_head(linear)."
             )
-        model.requires_grad_(False)
-        if self.stage == "head":
-            model.classifier.weight.requires_grad_(True)
-            if self.train_concepts:
-                model.codebook.concepts.requires_grad_(True)
-        else:
-            model.codebook.concepts.requires_grad_(True)
+        if self.l1_lambda is not None:
+            model.config.head_l1_lambda = self.l1_lambda
+        model.set_trainable(self.stage, train_concepts=self.train_concepts)
 
     def call_model_init(self, trial=None) -> nn.Module:
         model = super().call_model_init(trial)
         self._configure_model(model)
         return model
 
-    def _expected_num_labels(self, model: nn.Module | None = None) -> int:
-        config = (model if model is not None else self.model).config
+    def _expected_num_labels(self) -> int:
+        config = self.model.config
         return config.stage1_head_num_labels if self.stage == "codebook" else config.num_labels
 
     def _check_datasets(self) -> None:
@@ -205,56 +180,11 @@ class ProtoQuantTrainer(Trainer):
                     "use the dataset it was built for."
                 )
 
-    def autocast_smart_context_manager(self, cache_enabled: bool | None = True):
-        # The objectives call the model's stage methods, not the forward that Accelerate wraps in
-        # autocast, so enter the mixed-precision context here (a no-op in fp32).
-        return self.accelerator.autocast()
-
-    # ---- loss and prediction ------------------------------------------------------------------
-
-    def _stage_outputs(self, model: nn.Module, inputs: dict[str, Any]):
-        """(loss or None, output) of this stage on a batch; the loss comes from the shared objectives."""
-        net = self.accelerator.unwrap_model(model)
-        if "pixel_values" not in inputs:
-            raise ValueError(
-                f"ProtoQuantTrainer batches need 'pixel_values'; got keys {sorted(inputs)}. Use "
-                "prepare_trainer_datasets (or make_image_transform) with collate_fn, and "
-                "TrainingArguments(remove_unused_columns=False)."
-            )
-        features = net.forward_features(inputs["pixel_values"])
-        labels = inputs.get("labels")
-        if labels is not None and labels.ndim == 1:
-            net._check_labels(labels, self._expected_num_labels(net))
-        if self.stage == "head":
-            if labels is None:
-                return None, ProtoQuantImageClassifierOutput(logits=net.classify_features(features).logits)
-            loss, logits = stage2_loss(net, features, labels, self.l1_lambda)
-            return loss, ProtoQuantImageClassifierOutput(loss=loss, logits=logits)
-        if labels is None:
-            return None, ProtoQuantQuantizedOutput(logits=net.forward_quantized(features).logits)
-        loss, logits = stage1_loss(net, features, labels)
-        return loss, ProtoQuantQuantizedOutput(loss=loss, logits=logits)
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """The stage's shared objective on ``model.forward_features(pixel_values)``; a per-batch mean
-        (head: CE + λ·ΣReLU(W); codebook: CE of the stage-1 head on quantized features + w·MSE)."""
-        if inputs.get("labels") is None:
-            raise ValueError("ProtoQuantTrainer needs 'labels' in every training batch.")
-        loss, outputs = self._stage_outputs(model, inputs)
-        return (loss, outputs) if return_outputs else loss
-
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        """(loss, logits, labels): class logits in the head stage, the stage-1 head's logits on
-        quantized features in the codebook stage. The loss is the stage objective (as in training)."""
-        inputs = self._prepare_inputs(inputs)
-        labels = inputs.get("labels")
-        with torch.no_grad(), self.compute_loss_context_manager():
-            loss, outputs = self._stage_outputs(model, inputs)
-        if loss is not None:
-            loss = loss.detach().float().mean()
-        if prediction_loss_only:
-            return loss, None, None
-        return loss, outputs.logits.detach().float(), None if labels is None else labels.detach()
+    def _prepare_inputs(self, inputs):
+        # The stage is a forward argument, so training, evaluation and prediction all run it
+        # through the (possibly DDP-wrapped) model.
+        inputs = super()._prepare_inputs(inputs)
+        return {**inputs, "stage": self.stage}
 
 
 __all__ = ["ProtoQuantTrainer", "compute_accuracy", "dataset_num_classes", "prepare_trainer_datasets"]

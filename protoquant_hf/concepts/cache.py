@@ -1,4 +1,4 @@
-"""On-disk cache of frozen-backbone feature maps.
+"""On-disk cache of frozen-backbone feature maps, the input every concept computation reads.
 
 The backbone never changes during ProtoQuant training, so its feature maps are computed once and
 every epoch of both stages reads them back (method §4: "caching is legitimate because the backbone
@@ -34,11 +34,20 @@ CACHE_FORMAT_VERSION = 1
 STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
+# Backbone config keys that do not change what the backbone computes (provenance, labels of its own
+# classifier, the dtype it was stored in), left out of the fingerprint so that a model and its saved
+# and reloaded copy share a cache.
+_NON_ARCHITECTURE_KEYS = ("_name_or_path", "id2label", "label2id", "transformers_version", "dtype", "architectures")
+
+
 def backbone_fingerprint(model) -> str:
-    """Hash of the frozen backbone's weights, its config and the feature layer used."""
+    """Hash of the frozen backbone's weights, its architecture config and the feature layer used."""
     digest = hashlib.sha256()
     protoquant = model.protoquant
-    digest.update(protoquant.config.backbone_config.to_json_string(use_diff=False).encode())
+    backbone_config = protoquant.config.backbone_config.to_dict()
+    for key in _NON_ARCHITECTURE_KEYS:
+        backbone_config.pop(key, None)
+    digest.update(json.dumps(backbone_config, sort_keys=True, default=str).encode())
     digest.update(str(protoquant.config.backbone_feature_layer).encode())
     for name, tensor in sorted(protoquant.backbone.state_dict().items()):
         digest.update(name.encode())
@@ -82,12 +91,20 @@ class FeatureCache:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def read(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(feature maps float32 `(B, D, H, W)`, labels `(B,)`) of the given rows, in that order."""
+        rows = np.asarray(rows, dtype=np.int64)
+        order = np.argsort(rows, kind="stable")  # sorted reads are sequential on disk
+        features = np.empty((len(rows), *self.features.shape[1:]), dtype=np.float32)
+        features[order] = self.features[rows[order]]
+        return torch.from_numpy(features), torch.from_numpy(self.labels[rows])
+
     def batches(self, batch_size: int, indices: np.ndarray | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield (feature maps float32 (B, D, H, W), labels (B,)) in the given row order."""
-        order = np.arange(len(self)) if indices is None else indices
+        """Yield (feature maps float32 `(B, D, H, W)`, labels `(B,)`) for consecutive chunks of
+        `indices` (all rows by default), each chunk in its given order."""
+        order = np.arange(len(self)) if indices is None else np.asarray(indices)
         for start in range(0, len(order), batch_size):
-            rows = np.sort(order[start : start + batch_size])  # sorted reads are sequential on disk
-            yield torch.from_numpy(np.asarray(self.features[rows], dtype=np.float32)), torch.from_numpy(self.labels[rows])
+            yield self.read(order[start : start + batch_size])
 
     def pooled(self, batch_size: int = 1024) -> torch.Tensor:
         """Global-average-pooled features (N, D), the input of a linear probe."""
@@ -117,17 +134,6 @@ class FeatureCache:
         return torch.cat(vectors), torch.cat(labels)
 
 
-def fast_feature_fn(model) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The fastest exact way to compute a model's feature maps (pixels → (B, D, H, W)): an optimised
-    inference copy for EfficientNet backbones (the bundled default), `model.forward_features` otherwise."""
-    if model.config.backbone_config.model_type == "efficientnet":
-        from ..fast_backbone import optimize_frozen_backbone
-
-        fast = optimize_frozen_backbone(model.protoquant.backbone)
-        return lambda pixels: fast(pixels).last_hidden_state
-    return model.forward_features
-
-
 def extract_features(
     model,
     dataset: Dataset,
@@ -139,12 +145,13 @@ def extract_features(
     dtype: str = "float16",
     batch_size: int = 64,
     cache_dir: str | Path | None = None,
-    feature_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    show_progress: bool = True,
 ) -> FeatureCache:
     """Compute (or reuse) the cached feature maps of one split.
 
     Args:
-        model: a `ProtoQuantForImageClassification`; only its frozen backbone is run.
+        model: a `ProtoQuantForImageClassification`; only its frozen backbone is run, through
+            `model.forward_features` (call `model.use_fast_backbone()` first for the fast copy).
         dataset: the split, with an `image` and a `label` column (no transform set).
         image_processor: the processor `transform` applies (part of the cache key).
         transform: batch transform producing `pixel_values` and `labels` (see `make_image_transform`).
@@ -153,8 +160,7 @@ def extract_features(
         dtype: `"float16"` (half the disk) or `"float32"` storage.
         batch_size: images per forward pass.
         cache_dir: where caches live; defaults to `cache_root() / "features"`.
-        feature_fn: pixels → feature maps; defaults to `model.forward_features` (pass a faster
-            equivalent, e.g. an optimised inference copy of the backbone).
+        show_progress: show a progress bar (on the local main process).
 
     Returns:
         The ready cache. An existing complete cache with the same key is reused as is.
@@ -166,7 +172,7 @@ def extract_features(
     final = root / cache_key(model, image_processor, dataset, split, dtype)
     if (final / "meta.json").exists():
         return FeatureCache.open(final)
-    feature_fn = feature_fn or model.forward_features
+    feature_fn = model.forward_features
     partial = root / f".{final.name}.partial"
     device = accelerator.device
 
@@ -191,7 +197,7 @@ def extract_features(
     )
     position = rows.start
     progress = tqdm(
-        loader, desc=f"Extracting {split} features", unit="batch", disable=not accelerator.is_local_main_process
+        loader, desc=f"Extracting {split} features", unit="batch", disable=not (show_progress and accelerator.is_local_main_process)
     )
     with torch.inference_mode():
         for batch in progress:
@@ -227,5 +233,4 @@ __all__ = [
     "backbone_fingerprint",
     "cache_key",
     "extract_features",
-    "fast_feature_fn",
 ]

@@ -1,4 +1,4 @@
-"""Codebook utilities for stage 1: concept initialisation, usage counting, pruning, grounding.
+"""Concept initialisation before stage 1: spherical k-means on real training feature vectors.
 
 Initialisation matters more than the paper's official default suggests: on the bundled
 EfficientNet-Lite0 features (non-negative ReLU6 outputs, ~83 % zeros) orthogonal init leaves most
@@ -9,13 +9,11 @@ bounded by sampling at most `max_vectors` feature vectors.
 
 from __future__ import annotations
 
-import math
-
 import torch
-from transformers import initialization as init
 
-from ..configuration_protoquant import CONCEPT_INITS
-from .features import FeatureCache
+from ..concepts import FeatureCache, set_concepts
+
+CONCEPT_INITS = ("kmeans", "class_kmeans", "samples", "orthogonal")
 
 
 def _unit(vectors: torch.Tensor) -> torch.Tensor:
@@ -84,7 +82,7 @@ def spherical_kmeans(
 def initialize_concepts(
     model,
     train_cache: FeatureCache,
-    method: str = "kmeans",
+    method: str,
     *,
     max_vectors: int = 50000,
     kmeans_iterations: int = 20,
@@ -102,10 +100,9 @@ def initialize_concepts(
     """
     if method not in CONCEPT_INITS:
         raise ValueError(f"Unknown concept init {method!r}; choose one of {', '.join(CONCEPT_INITS)}.")
-    concepts = model.codebook.concepts
-    num_concepts = concepts.shape[0]
+    num_concepts, hidden_size = model.codebook.concepts.shape
     if method == "orthogonal":
-        init.orthogonal_(concepts.data, generator=torch.Generator().manual_seed(seed))
+        set_concepts(model, torch.nn.init.orthogonal_(torch.empty(num_concepts, hidden_size), generator=torch.Generator().manual_seed(seed)))
         return
     vectors, labels = train_cache.feature_vectors(max_vectors=max_vectors, seed=seed)
     if num_concepts > len(vectors):
@@ -132,86 +129,7 @@ def initialize_concepts(
         centroids = torch.cat(parts)
     else:  # samples
         centroids = vectors[torch.randperm(len(vectors), generator=torch.Generator().manual_seed(seed))[:num_concepts]]
-    concepts.data.copy_(centroids.to(concepts))
+    set_concepts(model, centroids)
 
 
-@torch.no_grad()
-def concept_usage(model, cache: FeatureCache, batch_size: int = 256, indices=None) -> torch.Tensor:
-    """How many feature-map locations pick each concept as their nearest (K,) over `cache` rows
-    (`indices`, all by default). Sum it across processes for a global count."""
-    usage = torch.zeros(model.config.num_concepts, dtype=torch.long)
-    device = model.codebook.concepts.device
-    for features, _ in cache.batches(batch_size, indices):
-        nearest = model.codebook.nearest(features.to(device)).flatten().cpu()
-        usage += torch.bincount(nearest, minlength=usage.numel())
-    return usage
-
-
-def usage_summary(usage: torch.Tensor) -> dict[str, float]:
-    """Dead concepts and the spread of usage, for training summaries."""
-    used = usage[usage > 0].float()
-    return {
-        "num_concepts": int(usage.numel()),
-        "dead_concepts": int((usage == 0).sum()),
-        "dead_ratio": float((usage == 0).float().mean()),
-        "usage_max": int(usage.max()),
-        "usage_median_alive": float(used.median()) if used.numel() else 0.0,
-    }
-
-
-@torch.no_grad()
-def prune_by_usage(model, usage_fn, target_num_concepts: int, steps: int = 4) -> list[dict[str, float]]:
-    """Drop the least-used concepts in `steps` rounds until `target_num_concepts` remain (§4.2).
-
-    Usage is recounted between rounds (`usage_fn(model) -> (K,) counts`, global across processes),
-    because removing a concept reassigns its locations to others.
-
-    Returns:
-        The usage summary before each round.
-    """
-    if not 1 <= target_num_concepts <= model.config.num_concepts:
-        raise ValueError(
-            f"target_num_concepts must be in [1, {model.config.num_concepts}], got {target_num_concepts}."
-        )
-    history = []
-    for round_index in range(steps):
-        current = model.config.num_concepts
-        remaining_rounds = steps - round_index
-        drop = math.ceil((current - target_num_concepts) / remaining_rounds)
-        if drop <= 0:
-            break
-        usage = usage_fn(model)
-        history.append(usage_summary(usage))
-        order = torch.argsort(usage, descending=True, stable=True)
-        model.prune_concepts(order[: current - drop].sort().values)
-    return history
-
-
-@torch.no_grad()
-def grounding_scores(concepts: torch.Tensor, cache: FeatureCache, batch_size: int = 256) -> torch.Tensor:
-    """Per concept, the highest cosine similarity to any training feature vector (K,).
-
-    A concept close to 1 is "grounded": it looks like a real training patch, which is what lets an
-    explanation show it. Fine-tuned concepts drift away from every real feature (method §13).
-    """
-    unit_concepts = _unit(concepts.detach().float().cpu())
-    best = torch.full((unit_concepts.shape[0],), -1.0)
-    for features, _ in cache.batches(batch_size):
-        vectors = _unit(features.flatten(2).transpose(1, 2).reshape(-1, features.shape[1]))
-        best = torch.maximum(best, (unit_concepts @ vectors.T).amax(dim=1))
-    return best
-
-
-def grounding_summary(scores: torch.Tensor) -> dict[str, float]:
-    return {"grounding_mean": float(scores.mean()), "grounding_min": float(scores.min())}
-
-
-__all__ = [
-    "concept_usage",
-    "grounding_scores",
-    "grounding_summary",
-    "initialize_concepts",
-    "prune_by_usage",
-    "spherical_kmeans",
-    "usage_summary",
-]
+__all__ = ["CONCEPT_INITS", "initialize_concepts", "spherical_kmeans"]

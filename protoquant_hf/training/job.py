@@ -1,0 +1,539 @@
+"""The two-stage training job as a table of contents: `PHASES`, run in order on one `RunContext`.
+
+    dataset ─▶ feature cache ─▶ init (k-means) ─▶ probe (stage-1 head, dense reference)
+            ─▶ stage1 (codebook) ─▶ prune (dead / usage) ─▶ stage2 (sparse head)
+            ─▶ sparsify (top-k + retrain) ─▶ grounding ─▶ output folder
+
+Each phase is a function of the run context returning its typed result (`summary.py`), or None when
+its options skip it. The run works in a hidden sibling folder (``.<name>.incomplete``): after every
+phase, and at evenly spaced epochs inside the training stages, it checkpoints the model and the
+progress, so ``--resume`` continues an interrupted run where it stopped; the folder is renamed to
+``output_dir`` only when every phase succeeded. Adding a phase is one function and one entry in
+`PHASES`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import platform
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from transformers import AutoConfig, AutoImageProcessor
+
+from ..concepts import (
+    ConceptStats,
+    FeatureCache,
+    concepts_per_class,
+    extract_features,
+    keep_top_k_per_class,
+    prune_by_usage,
+    prune_concepts,
+    remove_unused_concepts,
+    set_concepts,
+)
+from ..data import load_image_dataset, make_image_transform, to_rgb, with_image_size
+from ..modeling_protoquant import ProtoQuantForImageClassification, quiet_transformers, resolve_backbone
+from .arguments import DataArguments, ModelArguments, ProtoQuantTrainingArguments
+from .concept_init import initialize_concepts
+from .loop import AugmentedImages, Objective, accuracy, broadcast_tensor, fit
+from .objectives import mix_batch, model_objective
+from .probe import fit_linear_probe
+from .summary import (
+    SUMMARY_FILE,
+    CodebookResult,
+    ConceptsPerClass,
+    DatasetInfo,
+    GroundingResult,
+    HeadResult,
+    InitResult,
+    PhaseResult,
+    ProbeResult,
+    PruneResult,
+    TrainingSummary,
+)
+
+LOG_FILE = "train_log.jsonl"
+PROGRESS_FILE = "progress.json"
+logger = logging.getLogger(__name__)
+
+
+# ---- the run's persistent progress ---------------------------------------------------------------
+
+
+@dataclass
+class RunProgress:
+    """Where the run is and what it measured so far; saved as ``progress.json`` in the work folder.
+
+    Attributes:
+        phase: the phase to run (or being run) next.
+        epoch: epochs of that phase already done (a resumed stage continues from there).
+        phase_seconds: time already spent in that phase by earlier segments of the run.
+        phase_state: what that phase must remember across an interruption (e.g. concepts it removed).
+        results: finished phases' results (`PhaseResult.to_dict()`), in order.
+        log: one record per training epoch.
+        feature_extraction_s / total_s: seconds summed over the run's earlier segments.
+    """
+
+    phase: str
+    epoch: int = 0
+    phase_seconds: float = 0.0
+    phase_state: dict = field(default_factory=dict)
+    results: dict = field(default_factory=dict)
+    log: list = field(default_factory=list)
+    feature_extraction_s: float = 0.0
+    total_s: float = 0.0
+
+    @classmethod
+    def load(cls, work: Path) -> "RunProgress":
+        return cls(**json.loads((work / PROGRESS_FILE).read_text()))
+
+
+@dataclass
+class RunContext:
+    """Everything a phase works on. Built once per run segment (fresh or resumed)."""
+
+    data_args: DataArguments
+    model_args: ModelArguments
+    args: ProtoQuantTrainingArguments
+    accelerator: Accelerator
+    work: Path
+    model: ProtoQuantForImageClassification
+    source: str
+    class_names: list[str]
+    train_cache: FeatureCache
+    test_cache: FeatureCache
+    train_inputs: FeatureCache | AugmentedImages
+    progress: RunProgress
+    on_epoch_end: Callable[[str, int], None] | None = None
+    segment_started: float = field(default_factory=time.perf_counter)
+    phase_started: float = field(default_factory=time.perf_counter)
+    stage1_usage: torch.Tensor | None = None  # counted after stage 1, reused by the prune phase
+
+    @property
+    def augmented(self) -> bool:
+        return isinstance(self.train_inputs, AugmentedImages)
+
+    @property
+    def train_input_name(self) -> str:
+        return "pixel_values" if self.augmented else "feature_maps"
+
+    @property
+    def resuming_phase(self) -> bool:
+        """Whether the current phase was interrupted part-way and is being continued."""
+        return self.progress.epoch > 0 or bool(self.progress.phase_state)
+
+    @property
+    def show_progress(self) -> bool:
+        return not self.args.disable_tqdm
+
+    def phase_elapsed(self) -> float:
+        return self.progress.phase_seconds + time.perf_counter() - self.phase_started
+
+    def checkpoint(self, phase: str, epoch: int = 0, with_optimizer: bool = False) -> None:
+        """Save the model (its config carries the current K), optionally the Accelerate state of the
+        running stage (optimizer, scheduler, RNG), then the progress marker, last."""
+        accelerator, progress = self.accelerator, self.progress
+        if phase != progress.phase:
+            progress.phase_seconds, progress.phase_state = 0.0, {}
+        else:
+            progress.phase_seconds = self.phase_elapsed()
+        progress.phase, progress.epoch = phase, epoch
+        self.phase_started = time.perf_counter()
+        accelerator.wait_for_everyone()
+        if with_optimizer:
+            accelerator.save_state(str(self.work / "checkpoint" / "state"), safe_serialization=True)
+        if accelerator.is_main_process:
+            with quiet_transformers():
+                self.model.save_pretrained(self.work / "checkpoint" / "model")
+            saved = asdict(progress)
+            saved["total_s"] = progress.total_s + time.perf_counter() - self.segment_started
+            tmp = self.work / (PROGRESS_FILE + ".tmp")
+            tmp.write_text(json.dumps(saved, indent=2))
+            tmp.replace(self.work / PROGRESS_FILE)
+        accelerator.wait_for_everyone()
+
+    def concept_stats(self, top_n: int = 1) -> ConceptStats:
+        """Global statistics of the current concepts over the training cache (all processes)."""
+        return ConceptStats.collect(self.model, self.train_cache, top_n=top_n, accelerator=self.accelerator)
+
+    def test_accuracy(self, stage: str = "head") -> float:
+        model = self.model.eval()
+        return accuracy(
+            self.accelerator, lambda maps: model(feature_maps=maps, stage=stage).logits, self.test_cache, self.test_cache.labels
+        )
+
+    def fit_stage(self, stage: str, objective: Objective, param_groups: list[dict], inputs, epochs: int, **kwargs) -> None:
+        """Train one stage with evenly spaced checkpoints (epoch-based, so every process agrees),
+        continuing from the last one when the run is resumed there."""
+        args, progress = self.args, self.progress
+        every = max(1, math.ceil(epochs / args.checkpoints_per_stage))
+        resuming = progress.phase == stage and progress.epoch > 0
+        state = self.work / "checkpoint" / "state"
+
+        def on_epoch_end(epoch: int, record: dict) -> None:
+            progress.log.append(record)
+            if (epoch + 1) % every == 0 or epoch + 1 == epochs:
+                self.checkpoint(stage, epoch + 1, with_optimizer=True)
+            if self.on_epoch_end is not None:
+                self.on_epoch_end(stage, epoch)
+
+        fit(
+            self.accelerator, objective, param_groups, inputs, self.train_cache.labels,
+            epochs=epochs, batch_size=args.batch_size, seed=args.seed, warmup_ratio=args.warmup_ratio, desc=stage,
+            start_epoch=progress.epoch if resuming else 0,
+            restore=(lambda: self.accelerator.load_state(str(state))) if resuming and state.exists() else None,
+            on_epoch_end=on_epoch_end, show_progress=self.show_progress, **kwargs,
+        )
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    run: Callable[[RunContext], PhaseResult | None]
+
+
+# ---- the phases ------------------------------------------------------------------------------------
+
+
+def initialize(ctx: RunContext) -> InitResult:
+    """Concepts from the training features (k-means by default), computed once and broadcast."""
+    args, model = ctx.args, ctx.model
+    if ctx.accelerator.is_main_process:
+        initialize_concepts(
+            model, ctx.train_cache, args.concept_init,
+            max_vectors=args.kmeans_max_vectors, kmeans_iterations=args.kmeans_iterations, seed=args.seed,
+        )
+    set_concepts(model, broadcast_tensor(ctx.accelerator, model.codebook.concepts.detach().cpu()))
+    return InitResult(method=args.concept_init, usage=ctx.concept_stats().usage_summary())
+
+
+def fit_stage1_head(ctx: RunContext) -> ProbeResult:
+    """Step 0: the frozen head stage 1 trains through, and the dense reference accuracy."""
+    model, accelerator = ctx.model, ctx.accelerator
+    if _checkpoint_head_matches(model, ctx.source, ctx.class_names):
+        head_kind = "checkpoint"
+    else:
+        probe = fit_linear_probe(ctx.train_cache.pooled(), torch.from_numpy(ctx.train_cache.labels), len(ctx.class_names))
+        probe.weight.data = broadcast_tensor(accelerator, probe.weight.data)
+        probe.bias.data = broadcast_tensor(accelerator, probe.bias.data)
+        model.set_stage1_head(probe)
+        head_kind = "linear_probe"
+    head = model.original_head
+    probe_accuracy = accuracy(
+        accelerator, lambda pooled: head.classifier(head.norm(pooled)), ctx.test_cache.pooled(), ctx.test_cache.labels
+    )
+    return ProbeResult(head=head_kind, accuracy=probe_accuracy)
+
+
+def train_codebook(ctx: RunContext) -> CodebookResult:
+    """Stage 1: the concepts learn through the frozen stage-1 head on quantized features."""
+    model, args = ctx.model, ctx.args
+    model.set_trainable("codebook")
+    ctx.fit_stage(
+        "stage1", Objective(model, model_objective("codebook", ctx.train_input_name)),
+        [{"params": [model.codebook.concepts], "lr": args.stage1_lr}], ctx.train_inputs, args.stage1_epochs,
+    )
+    model.set_trainable("head")
+    stats = ctx.concept_stats()
+    ctx.stage1_usage = stats.usage
+    return CodebookResult(accuracy=ctx.test_accuracy("codebook"), usage=stats.usage_summary(), epochs=args.stage1_epochs)
+
+
+def prune_codebook(ctx: RunContext) -> PruneResult:
+    """Dead concepts (no training location picks them) and optional usage-based pruning."""
+    model, args = ctx.model, ctx.args
+    dead_removed, rounds = 0, []
+    if args.drop_dead_concepts:
+        # The counts of stage 1, unless this run resumed right at this phase.
+        usage = ctx.stage1_usage if ctx.stage1_usage is not None else ctx.concept_stats().usage
+        dead_removed = int((usage == 0).sum())
+        if dead_removed:
+            prune_concepts(model, usage > 0)
+    if args.prune_to is not None and args.prune_to < model.config.num_concepts:
+        rounds = prune_by_usage(model, lambda _: ctx.concept_stats().usage, args.prune_to, args.prune_steps)
+    return PruneResult(dead_removed=dead_removed, usage_rounds=rounds, num_concepts=model.config.num_concepts)
+
+
+def train_head(ctx: RunContext) -> HeadResult:
+    """Stage 2: the non-negative concept→class weights with CE + λ·ΣReLU(W)."""
+    return _train_head(ctx, "stage2", ctx.args.stage2_epochs)
+
+
+def sparsify_head(ctx: RunContext) -> HeadResult | None:
+    """Optional: keep the top-k concepts per class, remove concepts no class uses, retrain the head."""
+    args, model, progress = ctx.args, ctx.model, ctx.progress
+    if args.top_k_per_class is None:
+        return None
+    if not ctx.resuming_phase:
+        keep_top_k_per_class(model, min(args.top_k_per_class, model.config.num_concepts))
+        progress.phase_state["concepts_removed"] = remove_unused_concepts(model)
+        ctx.checkpoint("sparsify", 0)  # the sparsified model, so a resumed retraining starts from it
+    return _train_head(ctx, "sparsify", args.sparsify_epochs, concepts_removed=progress.phase_state["concepts_removed"])
+
+
+def measure_grounding(ctx: RunContext) -> GroundingResult:
+    """Per concept, the highest cosine similarity to any training feature vector (the model's own cosine)."""
+    return GroundingResult(grounding=ctx.concept_stats().grounding_summary())
+
+
+PHASES: tuple[Phase, ...] = (
+    Phase("init", initialize),
+    Phase("probe", fit_stage1_head),
+    Phase("stage1", train_codebook),
+    Phase("prune", prune_codebook),
+    Phase("stage2", train_head),
+    Phase("sparsify", sparsify_head),
+    Phase("grounding", measure_grounding),
+)
+DONE = "done"
+
+
+def _train_head(ctx: RunContext, stage: str, epochs: int, **result_fields) -> HeadResult:
+    """Head training. With frozen concepts and neither mixing nor augmentation the concept scores of
+    every training image are fixed, so they are computed once and the epochs train W on that table."""
+    args, model = ctx.args, ctx.model
+    model.set_trainable("head", train_concepts=args.train_concepts)
+    param_groups = [{"params": [model.classifier.weight], "lr": args.stage2_lr}]
+    if args.train_concepts:
+        param_groups.append({"params": [model.codebook.concepts], "lr": args.concept_lr})
+    mixing = None
+    if args.mixup:
+        num_classes = model.config.num_labels
+        mixing = lambda inputs, labels, rng: mix_batch(inputs, labels, num_classes, rng=rng)  # noqa: E731
+    if args.train_concepts or args.mixup or ctx.augmented:
+        inputs, input_name = ctx.train_inputs, ctx.train_input_name
+    else:
+        inputs, input_name = _concept_score_table(model, ctx.train_cache), "concept_scores"
+    ctx.fit_stage(stage, Objective(model, model_objective("head", input_name)), param_groups, inputs, epochs, transform_batch=mixing)
+    model.set_trainable("head")
+    per_class = concepts_per_class(model)
+    return HeadResult(
+        accuracy=ctx.test_accuracy(),
+        num_concepts=model.config.num_concepts,
+        concepts_per_class=ConceptsPerClass(mean=float(per_class.float().mean()), max=int(per_class.max())),
+        epochs=epochs,
+        **result_fields,
+    )
+
+
+@torch.no_grad()
+def _concept_score_table(model, cache: FeatureCache, batch_size: int = 256) -> torch.Tensor:
+    device = model.codebook.concepts.device
+    model.eval()
+    return torch.cat([model(feature_maps=maps.to(device)).concept_scores.cpu() for maps, _ in cache.batches(batch_size)])
+
+
+# ---- the job ----------------------------------------------------------------------------------------
+
+
+def _work_dir(output_dir: Path) -> Path:
+    return output_dir.parent / f".{output_dir.name}.incomplete"
+
+
+def check_output_dir(args: ProtoQuantTrainingArguments) -> tuple[Path, Path]:
+    """Refuse unsafe output folders before anything is written. Returns (output_dir, work_dir)."""
+    output_dir = Path(args.output_dir)
+    work = _work_dir(output_dir)
+    if args.resume:
+        if not (work / PROGRESS_FILE).exists():
+            raise ValueError(f"--resume: there is no interrupted run of {output_dir} to continue (no {work / PROGRESS_FILE}).")
+        return output_dir, work
+    if output_dir.exists() and any(output_dir.iterdir()) and not args.overwrite:
+        if (output_dir / SUMMARY_FILE).exists():
+            raise ValueError(
+                f"{output_dir} holds a previous training run. Pass --overwrite to replace it, or choose another --output_dir."
+            )
+        raise ValueError(
+            f"{output_dir} exists and is not a protoquant training run; refusing to write into it. Choose another "
+            "--output_dir (or pass --overwrite to replace the folder and everything in it)."
+        )
+    if work.exists() and not args.overwrite:
+        raise ValueError(
+            f"An interrupted run of {output_dir} exists ({work}). Pass --resume to continue it, or --overwrite to start over."
+        )
+    return output_dir, work
+
+
+def load_dataset_for(data_args: DataArguments):
+    """The dataset a run with these arguments trains and evaluates on."""
+    return load_image_dataset(
+        data_args.dataset,
+        image_column=data_args.image_column,
+        label_column=data_args.label_column,
+        bad_images=data_args.bad_images,
+        max_samples_per_split=data_args.max_samples_per_split,
+        **({"name": data_args.dataset_config} if data_args.dataset_config else {}),
+    )
+
+
+def _class_names(dataset) -> list[str]:
+    names = dataset["train"].features["label"].names
+    if len(names) < 2:
+        raise ValueError(f"The dataset has {len(names)} class(es); a classifier needs at least 2.")
+    return names
+
+
+def _checkpoint_head_matches(model, source: str, class_names: list[str]) -> bool:
+    if model.original_head is None:
+        return False
+    checkpoint_labels = AutoConfig.from_pretrained(source).id2label or {}
+    return [checkpoint_labels.get(i) for i in range(len(checkpoint_labels))] == class_names
+
+
+def _set_log_level(level: str) -> None:
+    if level == "passive":
+        return
+    value = transformers.utils.logging.log_levels[level]
+    transformers.utils.logging.set_verbosity(value)
+    logging.getLogger("protoquant_hf").setLevel(value)
+
+
+def train_protoquant(
+    data_args: DataArguments,
+    model_args: ModelArguments,
+    training_args: ProtoQuantTrainingArguments,
+    *,
+    on_epoch_end: Callable[[str, int], None] | None = None,
+) -> TrainingSummary:
+    """Run the whole job and return its summary (also written to the output folder).
+
+    Args:
+        on_epoch_end: optional hook called with (stage, epoch index) after each epoch's checkpoint,
+            e.g. to stop a run early in tests.
+    """
+    output_dir, work = check_output_dir(training_args)
+    _set_log_level(training_args.log_level)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=training_args.mixed_precision)
+    set_seed(training_args.seed)
+    segment_started = time.perf_counter()
+
+    dataset = load_dataset_for(data_args)
+    class_names = _class_names(dataset)
+    source = resolve_backbone(model_args.backbone)
+    processor = with_image_size(AutoImageProcessor.from_pretrained(source), data_args.image_size)
+    transform = make_image_transform(processor)
+
+    if training_args.resume:
+        progress = RunProgress.load(work)
+        with quiet_transformers():
+            model = ProtoQuantForImageClassification.from_pretrained(work / "checkpoint" / "model", dtype=torch.float32)
+    else:
+        progress = RunProgress(phase=PHASES[0].name)
+        model = ProtoQuantForImageClassification.from_backbone(
+            model_args.backbone,
+            num_concepts=model_args.num_concepts,
+            id2label=dict(enumerate(class_names)),
+            label2id={name: i for i, name in enumerate(class_names)},
+            image_size=data_args.image_size,
+            temperature=model_args.temperature,
+            backbone_feature_layer=model_args.backbone_feature_layer,
+            codebook_loss_weight=training_args.codebook_loss_weight,
+            head_l1_lambda=training_args.l1_lambda,
+        )
+    if model.config.num_labels != len(class_names):
+        raise ValueError(
+            f"The model has {model.config.num_labels} labels but the dataset has {len(class_names)} classes."
+        )
+    model.to(accelerator.device)
+    model.use_fast_backbone()  # exact and faster for the bundled EfficientNets; a no-op elsewhere
+
+    tick = time.perf_counter()
+    extract = dict(
+        accelerator=accelerator, dtype=data_args.feature_dtype, batch_size=training_args.extraction_batch_size,
+        cache_dir=data_args.cache_dir, show_progress=not training_args.disable_tqdm,
+    )
+    train_cache = extract_features(model, dataset["train"], processor, transform, split="train", **extract)
+    test_cache = extract_features(model, dataset["test"], processor, transform, split="test", **extract)
+    progress.feature_extraction_s += time.perf_counter() - tick
+    if data_args.augment:
+        # Training epochs read freshly augmented images through the frozen backbone; the cache
+        # still serves evaluation, concept init and the probe.
+        seed = training_args.seed + 1000 * accelerator.process_index
+        train_inputs = AugmentedImages(dataset["train"], make_image_transform(processor, augment_seed=seed))
+    else:
+        train_inputs = train_cache
+
+    ctx = RunContext(
+        data_args=data_args, model_args=model_args, args=training_args, accelerator=accelerator, work=work,
+        model=model, source=source, class_names=class_names, train_cache=train_cache, test_cache=test_cache,
+        train_inputs=train_inputs, progress=progress, on_epoch_end=on_epoch_end, segment_started=segment_started,
+    )
+    names = [phase.name for phase in PHASES]
+    start = names.index(progress.phase) if progress.phase in names else len(PHASES)
+    for index in range(start, len(PHASES)):
+        phase = PHASES[index]
+        ctx.phase_started = time.perf_counter()
+        result = phase.run(ctx)
+        if result is not None:
+            result.seconds = ctx.phase_elapsed()
+            progress.results[phase.name] = result.to_dict()
+        if index == 0 and not training_args.resume and accelerator.is_main_process:
+            # Only now, with every input validated and the first phase done, does the run write anything.
+            if training_args.overwrite:
+                shutil.rmtree(work, ignore_errors=True)
+            work.mkdir(parents=True, exist_ok=True)
+        ctx.checkpoint(names[index + 1] if index + 1 < len(PHASES) else DONE)
+
+    summary = TrainingSummary(
+        dataset=DatasetInfo(
+            name=data_args.dataset, classes=class_names, train_size=len(train_cache), test_size=len(test_cache),
+            image_size=data_args.image_size, feature_map=list(train_cache.features.shape[1:]),
+        ),
+        phases={name: PhaseResult.from_dict(result) for name, result in progress.results.items()},
+        feature_extraction_s=progress.feature_extraction_s,
+        total_s=progress.total_s + time.perf_counter() - segment_started,
+        processes=accelerator.num_processes,
+        arguments={"data": asdict(data_args), "model": asdict(model_args), "training": asdict(training_args)},
+        versions={
+            "protoquant_hf": __import__("protoquant_hf").__version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        },
+    )
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        model.config.architectures = ["ProtoQuantForImageClassification"]
+        with quiet_transformers():
+            model.save_pretrained(work)
+        processor.save_pretrained(work)
+        summary.save(work)
+        (work / LOG_FILE).write_text("".join(json.dumps(record) + "\n" for record in progress.log))
+        shutil.rmtree(work / "checkpoint", ignore_errors=True)
+        (work / PROGRESS_FILE).unlink(missing_ok=True)
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        work.rename(output_dir)
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def check_saved_model(output_dir: str | Path, data_args: DataArguments, num_images: int = 16) -> dict:
+    """Reload a trained folder the way users will (`AutoModelForImageClassification` and
+    `pipeline("image-classification")`) and check both agree on a few test images."""
+    from transformers import AutoModelForImageClassification, pipeline
+
+    dataset = load_dataset_for(data_args)
+    images = [row["image"] for row in dataset["test"].select(range(min(num_images, len(dataset["test"]))))]
+    with quiet_transformers():
+        model = AutoModelForImageClassification.from_pretrained(output_dir).eval()
+    processor = AutoImageProcessor.from_pretrained(output_dir)
+    classify = pipeline("image-classification", model=model, image_processor=processor)
+    with torch.no_grad():
+        direct = model(**processor(images=[to_rgb(image) for image in images], return_tensors="pt")).logits.argmax(-1)
+    via_pipeline = [classify(to_rgb(image), top_k=1)[0]["label"] for image in images]
+    agree = sum(model.config.id2label[int(i)] == label for i, label in zip(direct, via_pipeline))
+    return {"num_images": len(images), "agreement": agree / max(len(images), 1)}
+
+
+__all__ = ["PHASES", "Phase", "RunContext", "check_output_dir", "check_saved_model", "train_protoquant"]
