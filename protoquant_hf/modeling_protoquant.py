@@ -159,23 +159,29 @@ class ProtoQuantQuantizedOutput(ModelOutput):
     concept_indices: torch.LongTensor | None = None
 
 
-def cosine_similarity_maps(features: torch.Tensor, concepts: torch.Tensor, eps: float) -> torch.Tensor:
-    """m_k(z) = ⟨z, c_k⟩ / ((‖z‖ + ε)(‖c_k‖ + ε)) at every location (§3.4).
+def cosine_similarity(features: torch.Tensor, concepts: torch.Tensor, eps: float) -> torch.Tensor:
+    """m_k(z) = ⟨z, c_k⟩ / ((‖z‖ + ε)(‖c_k‖ + ε)) at every location (§3.4), location-major.
 
     Args:
         features: `(batch_size, hidden_size, height, width)`.
         concepts: `(num_concepts, hidden_size)`.
 
     Returns:
-        `(batch_size, num_concepts, height, width)`, computed in float32.
+        `(batch_size, height * width, num_concepts)`, computed in float32 by one matrix product over
+        all locations of the batch (a batched product per image is ~2x slower for small maps), with
+        the concepts on the contiguous axis, where the softmax over concepts runs.
     """
-    batch_size, hidden_size, height, width = features.shape
-    vectors = features.float().flatten(2)  # (B, D, HW)
-    vectors = vectors / (vectors.norm(dim=1, keepdim=True) + eps)
+    vectors = features.float().flatten(2).transpose(1, 2)  # (B, HW, D)
+    vectors = vectors / (vectors.norm(dim=2, keepdim=True) + eps)
     concepts = concepts.float()
     concepts = concepts / (concepts.norm(dim=1, keepdim=True) + eps)
-    similarity = torch.matmul(concepts, vectors)  # (K, D) @ (B, D, HW) -> (B, K, HW)
-    return similarity.view(batch_size, -1, height, width)
+    return vectors @ concepts.t()  # (B, HW, D) @ (D, K)
+
+
+def cosine_similarity_maps(features: torch.Tensor, concepts: torch.Tensor, eps: float) -> torch.Tensor:
+    """`cosine_similarity` as maps `(batch_size, num_concepts, height, width)` (a view, no copy)."""
+    height, width = features.shape[-2:]
+    return cosine_similarity(features, concepts, eps).transpose(1, 2).unflatten(2, (height, width))
 
 
 class ProtoQuantCodebook(nn.Module):
@@ -195,17 +201,29 @@ class ProtoQuantCodebook(nn.Module):
         """Cosine similarity maps `(B, K, H, W)` of feature maps `(B, D, H, W)` to every concept."""
         return cosine_similarity_maps(features, self.concepts, self.config.cosine_eps)
 
-    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Return (concept_scores `(B, K)`, activation_maps `(B, K, H, W)`, similarity_maps `(B, K, H, W)`)."""
-        similarity = self.similarity(features)
-        activations = torch.softmax(similarity / self.config.temperature, dim=1)  # over concepts, §3.5
-        scores = activations.amax(dim=(2, 3))  # spatial max, §3.6
-        return scores, activations, similarity
+    def forward(
+        self, features: torch.Tensor, output_similarity_maps: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Return (concept_scores `(B, K)`, activation_maps `(B, K, H, W)`, similarity_maps
+        `(B, K, H, W)` or None unless `output_similarity_maps`)."""
+        height, width = features.shape[-2:]
+        similarity = cosine_similarity(features, self.concepts, self.config.cosine_eps)  # (B, HW, K)
+        # Dividing in place saves a full-size buffer when the raw cosines are not returned (the matrix
+        # product does not keep its output for backward, so autograd allows it).
+        logits = similarity / self.config.temperature if output_similarity_maps else similarity.div_(self.config.temperature)
+        activations = torch.softmax(logits, dim=2)  # over concepts at each location, §3.5
+        scores = activations.amax(dim=1)  # spatial max, §3.6
+
+        def as_maps(location_major: torch.Tensor) -> torch.Tensor:
+            return location_major.transpose(1, 2).unflatten(2, (height, width))
+
+        return scores, as_maps(activations), as_maps(similarity) if output_similarity_maps else None
 
     @torch.no_grad()
     def nearest(self, features: torch.Tensor) -> torch.LongTensor:
         """Index `(B, H, W)` of the most cosine-similar concept at every location (no gradient, §3.8)."""
-        return self.similarity(features).argmax(dim=1)
+        height, width = features.shape[-2:]
+        return cosine_similarity(features, self.concepts, self.config.cosine_eps).argmax(dim=2).unflatten(1, (height, width))
 
     def quantize(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.LongTensor, torch.Tensor]:
         """Stage-1 vector quantization (§3.8): every feature vector replaced by its nearest concept.
@@ -417,7 +435,9 @@ class ProtoQuantModel(ProtoQuantPreTrainedModel):
                 f"pixel_values must be a float tensor (normalised by the image processor); got dtype "
                 f"{pixel_values.dtype}. Use the model's image processor, or convert with .float() after normalising."
             )
-        if not torch.isfinite(pixel_values).all():
+        # The sum is finite unless some value is NaN or infinite (or the values are astronomically large):
+        # 0.1 ms instead of 7 ms for a full elementwise check on a 32 x 224 px batch.
+        if not torch.isfinite(pixel_values.sum()) and not torch.isfinite(pixel_values).all():
             raise ValueError("pixel_values contain NaN or infinite values; check the images and the preprocessing.")
         height, width = pixel_values.shape[-2:]
         if self.backbone_kind == "tokens":
@@ -494,7 +514,7 @@ class ProtoQuantModel(ProtoQuantPreTrainedModel):
         backbone_outputs = None
         if feature_maps is None:
             feature_maps, backbone_outputs = self._backbone_forward(pixel_values, **_backbone_kwargs(kwargs))
-        scores, activations, similarity = self.codebook(feature_maps)
+        scores, activations, similarity = self.codebook(feature_maps, output_similarity_maps)
         return ProtoQuantModelOutput(
             concept_scores=scores,
             activation_maps=activations if output_activation_maps else None,
@@ -752,6 +772,7 @@ __all__ = [
     "ProtoQuantPreTrainedModel",
     "ProtoQuantQuantizedOutput",
     "TRAINING_STAGES",
+    "cosine_similarity",
     "cosine_similarity_maps",
     "register_backbone_alias",
     "resolve_backbone",

@@ -408,3 +408,29 @@ def test_random_augment_is_seeded_and_keeps_size():
     assert first.size == image.size and first.mode == image.mode
     assert np.array_equal(np.asarray(first), np.asarray(random_augment(image, random.Random(3))))
     assert any(not np.array_equal(np.asarray(random_augment(image, random.Random(s))), np.asarray(image)) for s in range(5))
+
+
+def test_cli_output_is_one_bar_per_phase_and_a_table(image_folder, backbone_folder, tmp_path):
+    common = [
+        sys.executable, "-m", "protoquant_hf", "train", "--dataset", str(image_folder), "--backbone", str(backbone_folder),
+        "--image_size", str(SIZE), "--num_concepts", "8", "--feature_dtype", "float32", "--stage1_epochs", "2",
+        "--stage2_epochs", "3", "--top_k_per_class", "2", "--sparsify_epochs", "2", "--kmeans_iterations", "5",
+        "--batch_size", "8", "--cache_dir", str(tmp_path / "cache"), "--checkpoints_per_stage", "3",
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    shown = subprocess.run([*common, "--output_dir", str(tmp_path / "a")], capture_output=True, text=True, env=env, timeout=600)
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    # Internal checkpoints and reloads are silent; each training stage has one bar, epochs as steps.
+    assert "Writing model shards" not in shown.stderr and "Loading weights" not in shown.stderr
+    assert "LOAD REPORT" not in shown.stderr
+    for stage, epochs in (("stage1", 2), ("stage2", 3), ("sparsify", 2)):
+        assert f"{stage}: 100%" in shown.stderr and f"{epochs}/{epochs} [" in shown.stderr, stage
+    assert "epoch 1/" not in shown.stderr  # no bar or line per epoch
+    assert "ProtoQuant accuracy" in shown.stdout and "100% agreement" in shown.stdout
+    quiet = subprocess.run(
+        [*common, "--output_dir", str(tmp_path / "b"), "--disable_tqdm", "--log_level", "error"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert quiet.returncode == 0, quiet.stderr[-3000:]
+    assert "it/s" not in quiet.stderr and "epoch/s" not in quiet.stderr and "batch/s" not in quiet.stderr
+    assert "ProtoQuant accuracy" in quiet.stdout

@@ -187,9 +187,8 @@ def extract_features(
     accelerator.wait_for_everyone()
 
     # Contiguous shards, one per process, written into the shared file.
-    per_process = -(-len(dataset) // accelerator.num_processes)
-    start = accelerator.process_index * per_process
-    rows = range(start, min(start + per_process, len(dataset)))
+    with accelerator.split_between_processes(torch.arange(len(dataset))) as mine:
+        rows = range(int(mine[0]), int(mine[-1]) + 1) if len(mine) else range(0)
     features_out = np.load(partial / "features.npy", mmap_mode="r+")
     labels_out = np.load(partial / "labels.npy", mmap_mode="r+")
     loader = DataLoader(

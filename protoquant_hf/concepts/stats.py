@@ -123,7 +123,8 @@ class ConceptStats:
         if isinstance(features, FeatureCache):
             rows = np.arange(len(features)) if indices is None else np.asarray(indices)
             if processes > 1:
-                rows = rows[accelerator.process_index :: processes]
+                with accelerator.split_between_processes(torch.from_numpy(rows)) as mine:
+                    rows = mine.numpy()
             chunks = [rows[start : start + batch_size] for start in range(0, len(rows), batch_size)]
             batches = ((chunk, *features.read(chunk)) for chunk in chunks)
             total = len(chunks)

@@ -58,6 +58,12 @@ def epoch_batches(num_rows: int, batch_size: int, epoch: int, seed: int, acceler
 
     The global batch (batch_size × processes) of a seeded permutation is split evenly; the last one
     wraps around, so every process runs the same number of equally sized steps.
+
+    Why not Accelerate's prepared DataLoader (seedable sampler, even_batches): with one process it
+    yields a short last batch (50 rows, batch 16: 16/16/16/2), with two it pads the last global batch
+    to full size from the start of the epoch, so 1 and N processes would take different last steps
+    whenever N_rows is not a multiple of the global batch. Here the padding is the same for any
+    number of processes, which is what makes N processes equal one process with an N-times batch.
     """
     order = np.random.default_rng([seed, epoch]).permutation(num_rows)
     processes = accelerator.num_processes
@@ -75,8 +81,9 @@ def take_rows(inputs, labels, index: np.ndarray) -> tuple[torch.Tensor, torch.Te
 
 
 def shard_rows(num_rows: int, accelerator: Accelerator) -> np.ndarray:
-    """Disjoint rows of this process for evaluation and counting (summed across processes)."""
-    return np.arange(accelerator.process_index, num_rows, accelerator.num_processes)
+    """This process's contiguous share of the rows for evaluation and counting (summed across processes)."""
+    with accelerator.split_between_processes(torch.arange(num_rows)) as rows:
+        return rows.numpy()
 
 
 def global_sum(accelerator: Accelerator, tensor: torch.Tensor) -> torch.Tensor:
