@@ -6,6 +6,8 @@ code. The method it configures is described in ProtoQuant (Janusz et al., arXiv 
 
 from __future__ import annotations
 
+import sys
+
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
@@ -180,5 +182,13 @@ class ProtoQuantConfig(PreTrainedConfig):
                 backbone.pop(key, None)
         return output
 
+
+# Serve ProtoQuant folders with the image-classification pipeline that converts images as training did (it is
+# the stock pipeline for every other model). Done at config import, because pipeline() loads the config before
+# it picks the task's implementation; only when pipelines are in use, to keep plain model loading light.
+if "transformers.pipelines" in sys.modules:
+    from .pipeline_protoquant import use_protoquant_image_classification
+
+    use_protoquant_image_classification()
 
 __all__ = ["ProtoQuantConfig", "SUPPORTED_BACKBONE_FAMILIES", "backbone_kind"]

@@ -330,12 +330,14 @@ class ProtoQuantPreTrainedModel(PreTrainedModel):
         return model.set_trainable("head")
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        # Record both model classes in `auto_map`, so `AutoModel` and
-        # `AutoModelForImageClassification` both load the folder as remote code.
+        # Record both model classes and the image processor in `auto_map`, so `AutoModel`,
+        # `AutoModelForImageClassification` and `AutoImageProcessor` all load the folder as remote code.
         if getattr(self, "_auto_class", None) is not None:
             auto_map = dict(getattr(self.config, "auto_map", None) or {})
             auto_map.setdefault("AutoModel", "modeling_protoquant.ProtoQuantModel")
             auto_map.setdefault("AutoModelForImageClassification", "modeling_protoquant.ProtoQuantForImageClassification")
+            # The image processor saved beside the model (image_processing_protoquant.py) is found from here.
+            auto_map.setdefault("AutoImageProcessor", "image_processing_protoquant.ProtoQuantImageProcessor")
             self.config.auto_map = auto_map
         return super().save_pretrained(save_directory, *args, **kwargs)
 

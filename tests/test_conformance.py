@@ -166,11 +166,12 @@ def test_saved_config_has_no_local_backbone_path_or_backbone_labels(tmp_path):
     assert reloaded.config.backbone_config.model_type == "resnet"
 
 
-def test_auto_map_records_both_model_classes(tmp_path):
+def test_auto_map_records_both_model_classes_and_the_processor(tmp_path):
     protoquant().save_pretrained(tmp_path)
     auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
     assert auto_map == {
         "AutoConfig": "configuration_protoquant.ProtoQuantConfig",
         "AutoModel": "modeling_protoquant.ProtoQuantModel",
         "AutoModelForImageClassification": "modeling_protoquant.ProtoQuantForImageClassification",
+        "AutoImageProcessor": "image_processing_protoquant.ProtoQuantImageProcessor",
     }

@@ -13,7 +13,7 @@ from PIL import Image
 from tiny_backbones import tiny_backbone_config
 from transformers import AutoModel, AutoModelForImageClassification, BitImageProcessor, pipeline
 
-from protoquant_hf import ProtoQuantForImageClassification, load_image_dataset
+from protoquant_hf import ProtoQuantForImageClassification, ProtoQuantImageProcessor, load_image_dataset
 from protoquant_hf.concepts import ConceptStats, extract_features, prune_by_usage
 from protoquant_hf.data import make_image_transform, with_image_size
 from protoquant_hf.modeling_protoquant import ProtoQuantModel
@@ -105,7 +105,7 @@ def test_pipeline_writes_a_loadable_folder(trained):
 
 
 def _test_split(image_folder, output):
-    processor = BitImageProcessor.from_pretrained(output)
+    processor = ProtoQuantImageProcessor.from_pretrained(output)
     dataset = load_image_dataset(str(image_folder))["test"].with_transform(make_image_transform(processor))
     batch = dataset[: len(dataset)]
     return batch["pixel_values"], batch["labels"]
@@ -137,7 +137,7 @@ def test_grounding_is_that_of_the_final_concepts(trained, image_folder):
     output, summary = trained
     model = ProtoQuantForImageClassification.from_pretrained(output).eval()
     train = load_image_dataset(str(image_folder))["train"]
-    processor = BitImageProcessor.from_pretrained(output)
+    processor = ProtoQuantImageProcessor.from_pretrained(output)
     batch = train.with_transform(make_image_transform(processor))[: len(train)]
     with torch.no_grad():
         vectors = model.forward_features(batch["pixel_values"]).flatten(2).transpose(1, 2).reshape(-1, 16)

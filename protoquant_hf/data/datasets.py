@@ -56,13 +56,9 @@ import PIL.Image
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
 
 from ..cache import atomic_folder, cache_root
-from .preprocessing import HIGH_BIT_DEPTH_MODES, to_8bit
+from ..image_processing_protoquant import HIGH_BIT_DEPTH_MODES, MIN_IMAGE_SIZE, to_8bit
 
 logger = logging.getLogger(__name__)
-
-# Smallest accepted image side in pixels. The smallest bundled images (scikit-learn digits) are 8x8; anything
-# smaller (1x1 thumbnails, broken exports) carries no parts for prototypes to match.
-MIN_IMAGE_SIZE = 8
 
 # Seed of the fixed splits of bundled datasets without an official split.
 _BUNDLED_SPLIT_SEED = 0

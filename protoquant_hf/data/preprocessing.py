@@ -3,9 +3,11 @@
 Preprocessing belongs to the backbone, so it is delegated to the backbone's own transformers image processor
 (resize, crop, rescale, normalise); this module only adds what processors get wrong or leave to the caller:
 
-* **Colour modes.** Processors convert to RGB with a plain ``Image.convert("RGB")``, which clips 16-bit and float
-  images to white and turns transparent pixels into whatever colour the encoder stored under them. :func:`to_rgb`
-  rescales high-bit-depth images to 8 bits and composites transparency on white first.
+* **Colour modes and tiny images.** Processors convert to RGB with a plain ``Image.convert("RGB")``, which clips
+  16-bit and float images to white and turns transparent pixels into whatever colour the encoder stored under them.
+  Every transform here goes through :class:`~protoquant_hf.image_processing_protoquant.ProtoQuantImageProcessor`,
+  which applies :func:`to_rgb` (high-bit-depth images rescaled, transparency on white) and the minimum-size rule
+  first, and is the processor saved with the model, so pipelines convert exactly as training did.
 * **Resolution.** ProtoQuant trains a head on a frozen backbone, often at a lower resolution than the backbone's
   default (fast CPU runs, 28 px source images). :func:`with_image_size` returns a copy of the processor set to one
   square size (its size fields say that size), so the same processor can be saved with the model and used by
@@ -28,55 +30,7 @@ import PIL.Image
 import torch
 from transformers.image_processing_utils import BaseImageProcessor
 
-# Pillow modes holding more than 8 bits per pixel; `convert("L")` clips them instead of rescaling.
-HIGH_BIT_DEPTH_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I", "F"})
-
-
-def to_8bit(image: PIL.Image.Image) -> PIL.Image.Image:
-    """Rescale a high-bit-depth grayscale image to 8 bits (mode ``L``); other images are returned unchanged.
-
-    Rules: 16-bit modes (``I;16*``) map 0..65535 onto 0..255 (divide by 257, round). Mode ``I`` (32-bit integer,
-    how Pillow and TIFF often hold 16-bit data) is read the same way, clipped to 0..65535. Mode ``F`` (32-bit float)
-    is read as intensities in [0, 1], clipped.
-
-    Args:
-        image: Any PIL image.
-
-    Returns:
-        A mode ``L`` image for high-bit-depth inputs, otherwise ``image`` itself.
-    """
-    if image.mode not in HIGH_BIT_DEPTH_MODES:
-        return image
-    values = np.asarray(image, dtype=np.float64)
-    if image.mode == "F":
-        scaled = np.clip(values, 0.0, 1.0) * 255.0
-    else:
-        scaled = np.clip(values, 0, 65535) / 257.0
-    return PIL.Image.fromarray(np.rint(scaled).astype(np.uint8))
-
-
-def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
-    """Convert any PIL image to 8-bit RGB without clipping or inventing colours.
-
-    * ``I;16`` / ``I`` / ``F``: rescaled to 8 bits first (see :func:`to_8bit`), then replicated to RGB.
-    * Transparency (``RGBA``, ``LA``, ``PA``, palette or ``L``/``RGB`` images with a transparent colour):
-      composited on **white**. Transparent pixels usually mark background (cut-out objects, icons); white gives
-      them a uniform neutral background, whereas dropping alpha exposes whatever colour the encoder stored under
-      them (often black or noise).
-    * ``CMYK``, ``P``, ``L``, ``1``, ``YCbCr``: Pillow's conversion (CMYK without an ICC profile).
-
-    Args:
-        image: Any PIL image.
-
-    Returns:
-        A mode ``RGB`` image of the same size.
-    """
-    image = to_8bit(image)
-    if image.has_transparency_data:
-        background = PIL.Image.new("RGBA", image.size, (255, 255, 255, 255))
-        return PIL.Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
-    return image if image.mode == "RGB" else image.convert("RGB")
-
+from ..image_processing_protoquant import HIGH_BIT_DEPTH_MODES, ProtoQuantImageProcessor, to_8bit, to_rgb
 
 def with_image_size(image_processor: BaseImageProcessor, image_size: int) -> BaseImageProcessor:
     """A copy of ``image_processor`` that outputs ``image_size`` x ``image_size`` pixel values, and says so.
@@ -85,15 +39,19 @@ def with_image_size(image_processor: BaseImageProcessor, image_size: int) -> Bas
     image-classification example trains at ``size["shortest_edge"]``): ``{"shortest_edge"}`` processors
     (``BitImageProcessor``, ``CLIPImageProcessor``, ``ConvNextImageProcessor``, …) resize the short side to
     ``image_size`` and, when they center-crop, crop ``image_size`` x ``image_size``; ``{"height", "width"}``
-    processors (``ViTImageProcessor``, ``EfficientNetImageProcessor``) resize to the square.
+    processors (``ViTImageProcessor``, ``EfficientNetImageProcessor``) resize to the square. A
+    ``ProtoQuantImageProcessor`` keeps its conversion and resizes its backbone processor.
 
     Args:
-        image_processor: The backbone's transformers image processor.
+        image_processor: The backbone's transformers image processor (or a ``ProtoQuantImageProcessor``).
         image_size: Side of the square output in pixels.
 
     Returns:
         A new processor of the same class; ``image_processor`` is not modified.
     """
+    if isinstance(image_processor, ProtoQuantImageProcessor):
+        resized = with_image_size(image_processor.backbone, image_size)
+        return ProtoQuantImageProcessor(backbone_processor=resized.to_dict(), min_image_size=image_processor.min_image_size)
     config = image_processor.to_dict()
     size = config.get("size") or {}
     if size.get("shortest_edge") is not None:
@@ -149,7 +107,8 @@ def make_image_transform(
     column is dropped before the transform sees it) and ``data_collator=collate_fn``.
 
     Args:
-        image_processor: The backbone's transformers image processor.
+        image_processor: The backbone's transformers image processor, or the ``ProtoQuantImageProcessor`` saved
+            with a model; either way images are converted by ``ProtoQuantImageProcessor``.
         image_size: Square output size in pixels; ``None`` keeps the processor's own size.
         image_column: Column holding PIL images.
         label_column: Column holding integer class ids; passed through as ``labels`` when present.
@@ -161,13 +120,13 @@ def make_image_transform(
         (``labels`` only when the batch has ``label_column``).
     """
     processor = with_image_size(image_processor, image_size) if image_size is not None else image_processor
-
+    processor = ProtoQuantImageProcessor.wrap(processor)  # the conversion the saved model's processor applies
     rng = random.Random(augment_seed) if augment_seed is not None else None
 
     def transform(batch: dict[str, list[Any]]) -> dict[str, torch.Tensor]:
-        images = [to_rgb(image) for image in batch[image_column]]
+        images = batch[image_column]
         if rng is not None:
-            images = [random_augment(image, rng) for image in images]
+            images = [random_augment(processor.convert(image), rng) for image in images]
         outputs = {"pixel_values": processor(images=images, return_tensors="pt")["pixel_values"]}
         if label_column in batch:
             outputs["labels"] = torch.as_tensor(batch[label_column], dtype=torch.long)

@@ -41,7 +41,8 @@ from ..concepts import (
     remove_unused_concepts,
     set_concepts,
 )
-from ..data import load_image_dataset, make_image_transform, to_rgb, with_image_size
+from ..data import load_image_dataset, make_image_transform, with_image_size
+from ..image_processing_protoquant import ProtoQuantImageProcessor
 from ..modeling_protoquant import ProtoQuantForImageClassification, quiet_transformers, resolve_backbone
 from .arguments import DataArguments, ModelArguments, ProtoQuantTrainingArguments
 from .concept_init import initialize_concepts
@@ -420,7 +421,7 @@ def train_protoquant(
     dataset = load_dataset_for(data_args)
     class_names = _class_names(dataset)
     source = resolve_backbone(model_args.backbone)
-    processor = with_image_size(AutoImageProcessor.from_pretrained(source), data_args.image_size)
+    processor = ProtoQuantImageProcessor.wrap(with_image_size(AutoImageProcessor.from_pretrained(source), data_args.image_size))
     transform = make_image_transform(processor)
 
     if training_args.resume:
@@ -530,8 +531,8 @@ def check_saved_model(output_dir: str | Path, data_args: DataArguments, num_imag
     processor = AutoImageProcessor.from_pretrained(output_dir)
     classify = pipeline("image-classification", model=model, image_processor=processor)
     with torch.no_grad():
-        direct = model(**processor(images=[to_rgb(image) for image in images], return_tensors="pt")).logits.argmax(-1)
-    via_pipeline = [classify(to_rgb(image), top_k=1)[0]["label"] for image in images]
+        direct = model(**processor(images=images, return_tensors="pt")).logits.argmax(-1)
+    via_pipeline = [classify(image, top_k=1)[0]["label"] for image in images]
     agree = sum(model.config.id2label[int(i)] == label for i, label in zip(direct, via_pipeline))
     return {"num_images": len(images), "agreement": agree / max(len(images), 1)}
 
