@@ -23,6 +23,8 @@ def format_summary(summary, output_dir: str, check: dict | None = None) -> str:
     """The end-of-run table of a `TrainingSummary`."""
     data, phases = summary.dataset, summary.phases
     rows = [("dataset", f"{data.name} ({data.train_size} train / {data.test_size} test, {data.image_size} px)")]
+    if data.test_split != "the dataset's test split":
+        rows.append(("test split", data.test_split))
     if summary.linear_probe_accuracy is not None:
         rows.append(("linear probe accuracy (dense reference)", f"{summary.linear_probe_accuracy:.4f}"))
     if "stage1" in phases:

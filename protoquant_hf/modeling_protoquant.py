@@ -449,6 +449,44 @@ class ProtoQuantModel(ProtoQuantPreTrainedModel):
                     f"pixel_values must have shape {expected} with height and width positive multiples "
                     f"of the patch size {patch}; got {tuple(pixel_values.shape)}."
                 )
+        elif min(height, width) < 64 and min(height, width) < self.minimum_image_size():
+            raise ValueError(
+                f"pixel_values of spatial size {height}x{width} are too small for this backbone: its downsampling "
+                f"needs at least {self.minimum_image_size()}x{self.minimum_image_size()} (the model was trained at "
+                f"{size}x{size}). Use the model's image processor."
+            )
+
+    def minimum_image_size(self) -> int:
+        """The smallest square input side the backbone accepts and turns into a non-empty feature map: the patch
+        size of token models; for convnets, found once by trying zero images (a few tiny forwards), then cached."""
+        if self.backbone_kind == "tokens":
+            return self.config.backbone_config.patch_size
+        cached = self.__dict__.get("_minimum_image_size")
+        if cached is not None:
+            return cached
+        channels = getattr(self.config.backbone_config, "num_channels", 3)
+        parameter = next(self.backbone.parameters())
+
+        def works(side: int) -> bool:
+            pixels = torch.zeros(1, channels, side, side, dtype=parameter.dtype, device=parameter.device)
+            try:
+                with torch.no_grad():
+                    features, _ = self._eager_features(pixels)
+            except (RuntimeError, ValueError, IndexError):
+                return False
+            return features.shape[-1] > 0 and features.shape[-2] > 0
+
+        upper = 1
+        while not works(upper):
+            if upper >= 1024:
+                raise ValueError("The backbone produced no feature map for any input up to 1024 px.")
+            upper *= 2
+        lower = upper // 2  # fails (or 0); find the smallest working side in (lower, upper]
+        while upper - lower > 1:
+            middle = (lower + upper) // 2
+            lower, upper = (lower, middle) if works(middle) else (middle, upper)
+        self.__dict__["_minimum_image_size"] = upper
+        return upper
 
     def _backbone_forward(self, pixel_values: torch.Tensor, **kwargs):
         """(feature map `(B, D, H, W)`, backbone output or None) for checked pixel values."""

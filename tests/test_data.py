@@ -259,10 +259,26 @@ def test_16_bit_image_is_rescaled_not_clipped(tmp_path):
     assert np.asarray(converted[0])[0, :4].tolist() == [0, 1, 128, 255]
 
 
-def test_folder_without_class_folders_explains_label_column(tmp_path):
+def test_folder_without_class_folders_says_it_needs_two(tmp_path):
     root = write_folder(tmp_path / "flat", {".": [gray(i) for i in range(4)]})
-    with pytest.raises(ValueError, match=r"no column 'label'; its columns are \['image'\].*label_column="):
+    with pytest.raises(ValueError, match=r"needs at least 2 class subfolders.*has 0"):
         load_image_dataset(root, cache_dir=tmp_path / "cache")
+    single = write_folder(tmp_path / "single", {"cat": [gray(i) for i in range(4)]})
+    with pytest.raises(ValueError, match=r"needs at least 2 class subfolders.*has 1: cat"):
+        load_image_dataset(single, cache_dir=tmp_path / "cache")
+
+
+def test_empty_class_and_split_folders_are_named_in_a_warning(tmp_path, caplog):
+    root = write_folder(tmp_path / "data", {"train/cat": [gray(i) for i in range(5)], "train/dog": [gray(200 + i) for i in range(5)]})
+    (root / "train" / "bird").mkdir()
+    (root / "test" / "cat").mkdir(parents=True)
+    with caplog.at_level("WARNING"):
+        dataset = load_image_dataset(root, cache_dir=tmp_path / "cache")
+    assert "train/bird has no images" in caplog.text and "test has no images" in caplog.text
+    assert dataset["train"].features["label"].names == ["cat", "dog"]
+    # The test split is then held out of train, loudly, and says so where summaries read it.
+    assert "No 'test' split" in caplog.text
+    assert "held out" in dataset["test"].info.description
 
 
 def test_missing_image_column_names_the_option(tmp_path):

@@ -357,6 +357,15 @@ def test_bad_pixel_values_are_one_clear_error(pixels, match):
         model(pixels)
 
 
+def test_pixel_values_below_the_backbones_minimum_are_one_clear_error():
+    model, size = tiny_model("efficientnet")
+    minimum = model.protoquant.minimum_image_size()
+    assert 1 < minimum <= size
+    model(torch.randn(1, 3, minimum, minimum))  # the minimum itself works
+    with pytest.raises(ValueError, match=rf"2x2 are too small for this backbone.*at least {minimum}x{minimum}"):
+        model(torch.randn(1, 3, 2, 2))
+
+
 def test_bad_pixel_size_for_token_model():
     model, _ = tiny_model("vit")
     with pytest.raises(ValueError, match="multiples of the patch size 8"):

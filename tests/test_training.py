@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -225,14 +226,21 @@ def test_resume_after_interruption_reaches_same_state(image_folder, backbone_fol
 
     # With 2 checkpoints per 4-epoch stage, the run stops after epoch 3 but resumes from epoch 2.
     args = run_args(image_folder, backbone_folder, interrupted, checkpoints_per_stage=checkpoints_per_stage)
+    started = time.perf_counter()
     with pytest.raises(KeyboardInterrupt):
         train_protoquant(*args, on_epoch_end=stop)
+    first_segment = time.perf_counter() - started
     assert not interrupted.exists()  # no half-written output folder
     progress = json.loads((tmp_path / ".interrupted.incomplete" / "progress.json").read_text())
     assert (progress["phase"], progress["epoch"]) == ("stage2", 2)
+    started = time.perf_counter()
     train_protoquant(*run_args(image_folder, backbone_folder, interrupted, resume=True, checkpoints_per_stage=checkpoints_per_stage))
+    second_segment = time.perf_counter() - started
     resumed_summary = TrainingSummary.load(interrupted)
     assert resumed_summary.phases.keys() == TrainingSummary.load(reference).phases.keys()
+    # Timings add up over both segments (the first ran up to its last checkpoint, just before the stop).
+    assert resumed_summary.total_s > 0.7 * (first_segment + second_segment) > second_segment
+    assert resumed_summary.total_s >= sum(phase.seconds for phase in resumed_summary.phases.values())
     expected = ProtoQuantForImageClassification.from_pretrained(reference)
     resumed = ProtoQuantForImageClassification.from_pretrained(interrupted)
     torch.testing.assert_close(resumed.classifier.weight, expected.classifier.weight)

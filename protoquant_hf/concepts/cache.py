@@ -8,13 +8,19 @@ features: the backbone weights and config, the feature layer, the preprocessing,
 fingerprint and split, and the storage dtype, so a stale cache can never be read for new inputs.
 Reads go through a memory map, so training streams from disk instead of holding the cache in RAM.
 Extraction is sharded across Accelerate processes; each writes its own rows of one file.
+
+Concurrent runs share entries safely: one builds an entry (under a file lock, in a private folder renamed into
+place when complete), the others wait and read it; a reader only ever opens complete, validated entries.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +29,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from datasets import Dataset
+from filelock import FileLock
 from numpy.lib.format import open_memmap
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -30,7 +37,8 @@ from tqdm.auto import tqdm
 from ..cache import cache_root
 from ..data import collate_fn
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: meta.json carries a checksum
+logger = logging.getLogger(__name__)
 STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
@@ -80,12 +88,27 @@ class FeatureCache:
 
     @classmethod
     def open(cls, path: str | Path) -> "FeatureCache":
+        """Open a complete cache entry. Raises `CacheEntryError` (naming what is wrong) for an entry that is
+        incomplete or damaged: missing or edited meta.json, another format version, truncated arrays."""
         path = Path(path)
-        meta = json.loads((path / "meta.json").read_text())
+        try:
+            meta = json.loads((path / "meta.json").read_text())
+        except (OSError, ValueError) as error:
+            raise CacheEntryError(path, f"meta.json unreadable ({error})") from None
         if meta.get("version") != CACHE_FORMAT_VERSION:
-            raise ValueError(f"{path} is a feature cache of format {meta.get('version')}, expected {CACHE_FORMAT_VERSION}.")
-        features = np.load(path / "features.npy", mmap_mode="r")
-        labels = np.load(path / "labels.npy")
+            raise CacheEntryError(path, f"format {meta.get('version')}, expected {CACHE_FORMAT_VERSION}")
+        if meta.get("checksum") != _meta_checksum(meta):
+            raise CacheEntryError(path, "meta.json does not match its checksum")
+        shape = tuple(meta["shape"])
+        try:
+            features = np.load(path / "features.npy", mmap_mode="r")
+            labels = np.load(path / "labels.npy")
+        except (OSError, ValueError) as error:  # missing, or truncated ("mmap length is greater than file size")
+            raise CacheEntryError(path, f"array files unreadable ({error})") from None
+        if features.shape != shape or str(features.dtype) != meta["dtype"] or labels.shape != shape[:1]:
+            raise CacheEntryError(
+                path, f"arrays of shape {features.shape} / {labels.shape} ({features.dtype}), meta.json says {shape} ({meta['dtype']})"
+            )
         return cls(path=path, features=features, labels=labels, meta=meta)
 
     def __len__(self) -> int:
@@ -149,6 +172,10 @@ def extract_features(
 ) -> FeatureCache:
     """Compute (or reuse) the cached feature maps of one split.
 
+    Safe under concurrency: the first run to need an entry builds it under a file lock, in a private folder renamed
+    into place only when complete; other runs wait for it and reuse it. An entry that fails validation (truncated
+    arrays, an edited meta.json) is rebuilt with a warning naming its path.
+
     Args:
         model: a `ProtoQuantForImageClassification`; only its frozen backbone is run, through
             `model.forward_features` (call `model.use_fast_backbone()` first for the fast copy).
@@ -163,44 +190,98 @@ def extract_features(
         show_progress: show a progress bar (on the local main process).
 
     Returns:
-        The ready cache. An existing complete cache with the same key is reused as is.
+        The ready cache.
     """
     if dtype not in STORAGE_DTYPES:
         raise ValueError(f"dtype must be one of {sorted(STORAGE_DTYPES)}, got {dtype!r}.")
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     root = Path(cache_dir) if cache_dir is not None else cache_root() / "features"
     final = root / cache_key(model, image_processor, dataset, split, dtype)
-    if (final / "meta.json").exists():
-        return FeatureCache.open(final)
-    feature_fn = model.forward_features
-    partial = root / f".{final.name}.partial"
-    device = accelerator.device
+    lock = None
+    decision = [None, None]  # ("ready" | "build", private build folder)
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        # Another run may be building this very entry: wait for it (the lock dies with its holder).
+        lock = FileLock(str(root / f".{final.name}.lock"))
+        lock.acquire()
+        decision = ["ready", None] if _usable(final) else ["build", str(_fresh_build_folder(root, final))]
+    try:
+        if accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
 
+            broadcast_object_list(decision, from_process=0)
+        if decision[0] == "build":
+            try:
+                _build(model, dataset, transform, accelerator, Path(decision[1]), final, split, dtype, batch_size, show_progress)
+            except BaseException:
+                if accelerator.is_main_process:
+                    shutil.rmtree(decision[1], ignore_errors=True)
+                raise
+        accelerator.wait_for_everyone()
+    finally:
+        if lock is not None:
+            lock.release()
+    return FeatureCache.open(final)
+
+
+class CacheEntryError(ValueError):
+    """A feature-cache entry that is incomplete or damaged."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"Feature cache entry {path} is damaged: {reason}.")
+        self.path, self.reason = path, reason
+
+
+def _meta_checksum(meta: dict) -> str:
+    body = {key: value for key, value in meta.items() if key != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _usable(final: Path) -> bool:
+    """Whether the entry is complete and valid; a damaged one is removed (the caller holds the lock)."""
+    if not final.exists():
+        return False
+    try:
+        FeatureCache.open(final)
+        return True
+    except CacheEntryError as error:
+        logger.warning("%s Rebuilding it.", error)
+        shutil.rmtree(final)
+        return False
+
+
+def _fresh_build_folder(root: Path, final: Path) -> Path:
+    """A private, empty folder to build `final` in; leftovers of killed builds of it are removed first
+    (only the lock holder ever builds, so any that exist are stale)."""
+    for stale in root.glob(f".{final.name}.partial*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=root))
+
+
+def _build(model, dataset, transform, accelerator, partial: Path, final: Path, split, dtype, batch_size, show_progress):
+    """Extract into `partial` (all processes, one contiguous shard each), then rename it to `final`."""
+    device = accelerator.device
     with torch.inference_mode():
-        probe = feature_fn(transform({"image": [dataset[0]["image"]]})["pixel_values"].to(device))
+        probe = model.forward_features(transform({"image": [dataset[0]["image"]]})["pixel_values"].to(device))
     shape = (len(dataset), *probe.shape[1:])
     if accelerator.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)  # a previous run killed mid-extraction
-        partial.mkdir(parents=True)
         open_memmap(partial / "features.npy", mode="w+", dtype=STORAGE_DTYPES[dtype], shape=shape).flush()
         open_memmap(partial / "labels.npy", mode="w+", dtype=np.int64, shape=(len(dataset),)).flush()
     accelerator.wait_for_everyone()
 
-    # Contiguous shards, one per process, written into the shared file.
     with accelerator.split_between_processes(torch.arange(len(dataset))) as mine:
         rows = range(int(mine[0]), int(mine[-1]) + 1) if len(mine) else range(0)
     features_out = np.load(partial / "features.npy", mmap_mode="r+")
     labels_out = np.load(partial / "labels.npy", mmap_mode="r+")
-    loader = DataLoader(
-        dataset.select(rows).with_transform(transform), batch_size=batch_size, collate_fn=collate_fn
-    )
+    loader = DataLoader(dataset.select(rows).with_transform(transform), batch_size=batch_size, collate_fn=collate_fn)
     position = rows.start
     progress = tqdm(
-        loader, desc=f"Extracting {split} features", unit="batch", disable=not (show_progress and accelerator.is_local_main_process)
+        loader, desc=f"Extracting {split} features", unit="batch",
+        disable=not (show_progress and accelerator.is_local_main_process),
     )
     with torch.inference_mode():
         for batch in progress:
-            maps = feature_fn(batch["pixel_values"].to(device)).float().cpu().numpy()
+            maps = model.forward_features(batch["pixel_values"].to(device)).float().cpu().numpy()
             features_out[position : position + len(maps)] = maps
             labels_out[position : position + len(maps)] = batch["labels"].numpy()
             position += len(maps)
@@ -218,16 +299,13 @@ def extract_features(
             "dataset_fingerprint": dataset._fingerprint,
             "backbone": getattr(model.config, "backbone_name", None),
         }
+        meta["checksum"] = _meta_checksum(meta)
         (partial / "meta.json").write_text(json.dumps(meta, indent=2))
-        if final.exists():
-            shutil.rmtree(partial)
-        else:
-            partial.rename(final)
-    accelerator.wait_for_everyone()
-    return FeatureCache.open(final)
+        os.replace(partial, final)  # complete: the only way an entry appears
 
 
 __all__ = [
+    "CacheEntryError",
     "FeatureCache",
     "backbone_fingerprint",
     "cache_key",

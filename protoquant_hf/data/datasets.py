@@ -453,9 +453,43 @@ def _ensure_train_test(dataset: DatasetDict, test_size: float, seed: int) -> Dat
         logger.info("No 'test' split; using 'validation' as the test split.")
         dataset["test"] = dataset.pop("validation")
     else:
-        logger.info("No 'test' split; holding out a stratified %g of 'train' (seed %d).", test_size, seed)
+        note = f"held out: a stratified {test_size:g} of 'train' (seed {seed}), as the source has no test split"
+        logger.warning("No 'test' split (or an empty one); the test split is %s.", note)
         dataset.update(_hold_out_test(dataset["train"], test_size, seed))
+        dataset["test"].info.description = note  # training summaries report it
     return dataset
+
+
+_SPLIT_FOLDERS = ("train", "test", "validation", "valid", "val")
+
+
+def _check_image_folder(root: Path) -> None:
+    """Before `datasets` reads a class-subfolder tree: warn about empty class folders (it drops them silently)
+    and refuse a tree with fewer than 2 classes with a message that says so (it would report a missing
+    'label' column)."""
+    subfolders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    splits = [p for p in subfolders if p.name.lower() in _SPLIT_FOLDERS]
+    for split in splits or [root]:
+        has_images = False
+        for class_folder in sorted(p for p in split.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            if any(f.is_file() and not f.name.startswith(".") for f in class_folder.rglob("*")):
+                has_images = True
+            else:
+                logger.warning("Class folder %s has no images; it is left out of the dataset.", class_folder)
+        if split is not root and not has_images:
+            logger.warning("Split folder %s has no images; it is left out of the dataset.", split)
+    train = next((p for p in splits if p.name.lower() == "train"), None) if splits else root
+    if train is None:
+        return
+    classes = [
+        p.name for p in sorted(train.iterdir())
+        if p.is_dir() and not p.name.startswith(".") and any(f.is_file() for f in p.rglob("*"))
+    ]
+    if len(classes) < 2:
+        raise ValueError(
+            f"An image folder needs at least 2 class subfolders with images (one per class, e.g. {train}/cat/, "
+            f"{train}/dog/); {train} has {len(classes)}{': ' + ', '.join(classes) if classes else ''}."
+        )
 
 
 def _is_local(name: str, load_dataset_kwargs: dict[str, Any]) -> bool:
@@ -521,6 +555,8 @@ def load_image_dataset(
     if name in _BUNDLED:
         dataset = _bundled_dataset(name, cache_dir)
     else:
+        if os.path.isdir(name) and not load_dataset_kwargs:
+            _check_image_folder(Path(name))
         dataset = _standardize_columns(
             _load_with_datasets(name, cache_dir, load_dataset_kwargs), image_column, label_column
         )

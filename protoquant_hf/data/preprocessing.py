@@ -25,7 +25,6 @@ import random
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import numpy as np
 import PIL.Image
 import torch
 from transformers.image_processing_utils import BaseImageProcessor

@@ -51,6 +51,20 @@ class DataArguments:
         metadata={"help": "Where feature caches live (default: $PROTOQUANT_CACHE or $HF_HOME/protoquant/features)."},
     )
 
+    def __post_init__(self):
+        # The backbone's own minimum (its downsampling or patch size) is checked when the backbone is known,
+        # still before any data is read.
+        if self.image_size < 1:
+            raise ValueError(f"--image_size must be a positive number of pixels, got {self.image_size}.")
+        if self.max_samples_per_split is not None and self.max_samples_per_split < 2:
+            raise ValueError(
+                f"--max_samples_per_split must be >= 2 (a classifier needs images of 2 classes), got {self.max_samples_per_split}."
+            )
+        if self.bad_images not in ("error", "skip"):
+            raise ValueError(f"--bad_images must be 'error' or 'skip', got {self.bad_images!r}.")
+        if self.feature_dtype not in ("float16", "float32"):
+            raise ValueError(f"--feature_dtype must be float16 or float32, got {self.feature_dtype!r}.")
+
 
 @dataclass
 class ModelArguments:
@@ -179,10 +193,21 @@ class ProtoQuantTrainingArguments:
             self.top_k_per_class = None
         if self.top_k_per_class is not None and self.top_k_per_class < 0:
             raise ValueError(f"--top_k_per_class must be >= 1 (or 0 to skip), got {self.top_k_per_class}.")
-        if self.checkpoints_per_stage < 1:
-            raise ValueError(f"--checkpoints_per_stage must be >= 1, got {self.checkpoints_per_stage}.")
-        if self.batch_size < 1:
-            raise ValueError(f"--batch_size must be >= 1, got {self.batch_size}.")
+        for name in ("checkpoints_per_stage", "batch_size", "extraction_batch_size", "kmeans_max_vectors",
+                     "kmeans_iterations", "prune_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}.")
+        if self.prune_to is not None and self.prune_to < 1:
+            raise ValueError(f"--prune_to must be >= 1 concept (or left out to skip pruning), got {self.prune_to}.")
+        for name in ("stage1_lr", "stage2_lr", "concept_lr"):
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"--{name} must be finite and > 0, got {getattr(self, name)}.")
+        if not 0 <= self.codebook_loss_weight < math.inf:
+            raise ValueError(f"--codebook_loss_weight must be finite and >= 0, got {self.codebook_loss_weight}.")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"--mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}.")
 
 
 __all__ = ["DataArguments", "ModelArguments", "ProtoQuantTrainingArguments"]

@@ -106,9 +106,12 @@ def initialize_concepts(
         return
     vectors, labels = train_cache.feature_vectors(max_vectors=max_vectors, seed=seed)
     if num_concepts > len(vectors):
+        num_images, _, height, width = train_cache.features.shape
+        sampled = max_vectors is not None and num_images * height * width > max_vectors
+        limit = f" in a sample of --kmeans_max_vectors {max_vectors} locations (raise it)" if sampled else ""
         raise ValueError(
             f"Initialising K={num_concepts} concepts needs at least K non-zero training feature vectors, but only "
-            f"{len(vectors)} are available. Lower --num_concepts, use more training images, or use "
+            f"{len(vectors)} are available{limit}. Lower --num_concepts, use more training images, or use "
             "--concept_init orthogonal."
         )
     if method == "kmeans":
@@ -122,7 +125,8 @@ def initialize_concepts(
             if share > len(members):
                 raise ValueError(
                     f"class_kmeans gives class {label} {share} concepts but it has only {len(members)} non-zero "
-                    "training feature vectors. Lower --num_concepts or use --concept_init kmeans."
+                    f"training feature vectors in the k-means sample (--kmeans_max_vectors {max_vectors}). Lower "
+                    "--num_concepts, raise --kmeans_max_vectors, or use --concept_init kmeans."
                 )
             if share > 0:
                 parts.append(spherical_kmeans(members, share, kmeans_iterations, seed)[0])

@@ -43,7 +43,9 @@ from ..concepts import (
 )
 from ..data import load_image_dataset, make_image_transform, with_image_size
 from ..image_processing_protoquant import ProtoQuantImageProcessor
-from ..modeling_protoquant import ProtoQuantForImageClassification, quiet_transformers, resolve_backbone
+from ..configuration_protoquant import ProtoQuantConfig, backbone_kind
+from ..modeling_protoquant import ProtoQuantForImageClassification, ProtoQuantModel, quiet_transformers, resolve_backbone
+from ..output_folder import check_writable, crash_point, is_complete, mark_complete, publish, refusal_reason, work_folder
 from .arguments import DataArguments, ModelArguments, ProtoQuantTrainingArguments
 from .concept_init import initialize_concepts
 from .loop import AugmentedImages, Objective, accuracy, broadcast_tensor, fit
@@ -337,32 +339,75 @@ def _concept_score_table(model, cache: FeatureCache, batch_size: int = 256) -> t
 # ---- the job ----------------------------------------------------------------------------------------
 
 
-def _work_dir(output_dir: Path) -> Path:
-    return output_dir.parent / f".{output_dir.name}.incomplete"
+def is_training_run(folder: Path) -> bool:
+    """Whether `folder` holds a finished protoquant training run (its summary and a ProtoQuant config.json):
+    the only kind of folder `--overwrite` may replace."""
+    try:
+        summary = json.loads((folder / SUMMARY_FILE).read_text())
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(summary, dict) and config.get("model_type") == "protoquant"
 
 
-def check_output_dir(args: ProtoQuantTrainingArguments) -> tuple[Path, Path]:
-    """Refuse unsafe output folders before anything is written. Returns (output_dir, work_dir)."""
-    output_dir = Path(args.output_dir)
-    work = _work_dir(output_dir)
+@dataclass
+class OutputPlan:
+    """Where a run writes: the output folder, its hidden work folder, and whether that work is already complete
+    (an earlier run finished training and was stopped while publishing: only the rename is left)."""
+
+    output_dir: Path
+    work: Path
+    finish_only: bool = False
+
+
+def check_output_dir(args: ProtoQuantTrainingArguments, cache_dir: str | None = None) -> OutputPlan:
+    """Refuse unsafe or occupied output folders before anything is read or written."""
+    output_dir = Path(args.output_dir).expanduser()
+    reason = refusal_reason(args.output_dir, [cache_dir] if cache_dir else [])
+    if reason:
+        raise ValueError(
+            f"--output_dir {args.output_dir} {reason}; protoquant never uses such a folder as an output folder, "
+            "because finishing a run renames its result there (and --overwrite would replace what is there). "
+            "Choose a new folder, e.g. --output_dir runs/my-model."
+        )
+    work = work_folder(output_dir)
+    if is_complete(work):
+        return OutputPlan(output_dir, work, finish_only=True)
+    occupied = output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir()))
+    if occupied and not is_training_run(output_dir):
+        raise ValueError(
+            f"{output_dir} exists and is not a protoquant training run; refusing to write into it or replace it "
+            "(also with --overwrite, which only ever replaces a previous run). Choose another --output_dir."
+        )
     if args.resume:
         if not (work / PROGRESS_FILE).exists():
             raise ValueError(f"--resume: there is no interrupted run of {output_dir} to continue (no {work / PROGRESS_FILE}).")
-        return output_dir, work
-    if output_dir.exists() and any(output_dir.iterdir()) and not args.overwrite:
-        if (output_dir / SUMMARY_FILE).exists():
-            raise ValueError(
-                f"{output_dir} holds a previous training run. Pass --overwrite to replace it, or choose another --output_dir."
-            )
+    elif occupied and not args.overwrite:
         raise ValueError(
-            f"{output_dir} exists and is not a protoquant training run; refusing to write into it. Choose another "
-            "--output_dir (or pass --overwrite to replace the folder and everything in it)."
+            f"{output_dir} holds a previous training run. Pass --overwrite to replace it (only once the new run has "
+            "succeeded), or choose another --output_dir."
         )
-    if work.exists() and not args.overwrite:
+    elif work.exists() and not args.overwrite:
         raise ValueError(
             f"An interrupted run of {output_dir} exists ({work}). Pass --resume to continue it, or --overwrite to start over."
         )
-    return output_dir, work
+    check_writable(output_dir)
+    return OutputPlan(output_dir, work)
+
+
+def _finish(work: Path, output_dir: Path, model, processor, summary: TrainingSummary, log: list) -> None:
+    """Write the output into the work folder, mark it complete, publish it (main process only). Until the marker
+    exists, `--resume` redoes this from the last checkpoint; after it, any rerun only publishes."""
+    model.config.architectures = ["ProtoQuantForImageClassification"]
+    with quiet_transformers():
+        model.save_pretrained(work)
+    processor.save_pretrained(work)
+    summary.save(work)
+    (work / LOG_FILE).write_text("".join(json.dumps(record) + "\n" for record in log))
+    crash_point("before-complete")
+    mark_complete(work)
+    crash_point("complete")
+    publish(work, output_dir, is_training_run, leftovers=("checkpoint", PROGRESS_FILE, PROGRESS_FILE + ".tmp"))
 
 
 def load_dataset_for(data_args: DataArguments):
@@ -391,6 +436,39 @@ def _checkpoint_head_matches(model, source: str, class_names: list[str]) -> bool
     return [checkpoint_labels.get(i) for i in range(len(checkpoint_labels))] == class_names
 
 
+def check_backbone(name: str, image_size: int) -> str:
+    """Check the backbone before any data is read: a loadable transformers config of a supported family, an
+    image processor, and an image size its downsampling (or patch size) allows. Returns its folder or Hub id."""
+    source = resolve_backbone(name)
+    try:
+        backbone_config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"Cannot use {name!r} as a backbone: it needs a transformers config.json (a Hugging Face model folder or "
+            f"Hub id of a vision model). Loading it failed with: {error}"
+        ) from None
+    backbone_config = getattr(backbone_config, "vision_config", None) or backbone_config
+    backbone_kind(backbone_config.model_type)  # unsupported families: one error listing the supported ones
+    try:
+        AutoImageProcessor.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"The backbone {name!r} has no usable image processor (preprocessor_config.json), which training and "
+            f"serving need to turn images into pixel values. Loading it failed with: {error}"
+        ) from None
+    probe = ProtoQuantModel(ProtoQuantConfig(backbone_config=backbone_config, num_concepts=1, id2label={0: "a", 1: "b"}))
+    minimum = probe.minimum_image_size()
+    if image_size < minimum:
+        raise ValueError(
+            f"--image_size {image_size} is too small for the backbone {name!r}: it needs at least {minimum} px a side "
+            f"(its native resolution is {getattr(backbone_config, 'image_size', 'unknown')})."
+        )
+    patch = getattr(backbone_config, "patch_size", None) if probe.backbone_kind == "tokens" else None
+    if patch and image_size % patch:
+        raise ValueError(f"--image_size must be a multiple of the backbone's patch size {patch}, got {image_size}.")
+    return source
+
+
 def _set_log_level(level: str) -> None:
     if level == "passive":
         return
@@ -412,15 +490,22 @@ def train_protoquant(
         on_epoch_end: optional hook called with (stage, epoch index) after each epoch's checkpoint,
             e.g. to stop a run early in tests.
     """
-    output_dir, work = check_output_dir(training_args)
+    plan = check_output_dir(training_args, data_args.cache_dir)
+    output_dir, work = plan.output_dir, plan.work
     _set_log_level(training_args.log_level)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=training_args.mixed_precision)
+    if plan.finish_only:  # trained and marked complete, stopped while publishing: just publish
+        summary = TrainingSummary.load(work)
+        if accelerator.is_main_process:
+            publish(work, output_dir, is_training_run, leftovers=("checkpoint", PROGRESS_FILE, PROGRESS_FILE + ".tmp"))
+        accelerator.wait_for_everyone()
+        return summary
     set_seed(training_args.seed)
     segment_started = time.perf_counter()
 
+    source = check_backbone(model_args.backbone, data_args.image_size)
     dataset = load_dataset_for(data_args)
     class_names = _class_names(dataset)
-    source = resolve_backbone(model_args.backbone)
     processor = ProtoQuantImageProcessor.wrap(with_image_size(AutoImageProcessor.from_pretrained(source), data_args.image_size))
     transform = make_image_transform(processor)
 
@@ -489,6 +574,7 @@ def train_protoquant(
         dataset=DatasetInfo(
             name=data_args.dataset, classes=class_names, train_size=len(train_cache), test_size=len(test_cache),
             image_size=data_args.image_size, feature_map=list(train_cache.features.shape[1:]),
+            test_split=dataset["test"].info.description or "the dataset's test split",
         ),
         phases={name: PhaseResult.from_dict(result) for name, result in progress.results.items()},
         feature_extraction_s=progress.feature_extraction_s,
@@ -504,17 +590,7 @@ def train_protoquant(
     )
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        model.config.architectures = ["ProtoQuantForImageClassification"]
-        with quiet_transformers():
-            model.save_pretrained(work)
-        processor.save_pretrained(work)
-        summary.save(work)
-        (work / LOG_FILE).write_text("".join(json.dumps(record) + "\n" for record in progress.log))
-        shutil.rmtree(work / "checkpoint", ignore_errors=True)
-        (work / PROGRESS_FILE).unlink(missing_ok=True)
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        work.rename(output_dir)
+        _finish(work, output_dir, model, processor, summary, progress.log)
     accelerator.wait_for_everyone()
     return summary
 
@@ -537,4 +613,4 @@ def check_saved_model(output_dir: str | Path, data_args: DataArguments, num_imag
     return {"num_images": len(images), "agreement": agree / max(len(images), 1)}
 
 
-__all__ = ["PHASES", "Phase", "RunContext", "check_output_dir", "check_saved_model", "train_protoquant"]
+__all__ = ["PHASES", "Phase", "RunContext", "check_output_dir", "check_saved_model", "is_training_run", "train_protoquant"]

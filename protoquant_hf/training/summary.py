@@ -113,6 +113,7 @@ class DatasetInfo:
     test_size: int
     image_size: int
     feature_map: list[int]  # (D, H, W) of the cached backbone features
+    test_split: str = "the dataset's test split"  # or how it was made, when the source had none
 
 
 @dataclass
