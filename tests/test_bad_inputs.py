@@ -127,3 +127,19 @@ def test_kmeans_error_names_the_sample_limit(image_folder, tmp_path):
             ProtoQuantTrainingArguments(output_dir=str(tmp_path / "out"), disable_tqdm=True, kmeans_max_vectors=4, concept_init="kmeans"),
         )
     assert not (tmp_path / "out").exists() and not (tmp_path / ".out.incomplete").exists()
+
+
+def test_a_held_out_test_split_is_reported_in_the_summary(image_folder, tmp_path):
+    config, _ = tiny_backbone_config("resnet")
+    AutoModel.from_config(config).save_pretrained(tmp_path / "resnet")
+    BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(tmp_path / "resnet")
+    summary = train_protoquant(
+        DataArguments(dataset=str(image_folder), image_size=32, cache_dir=str(tmp_path / "cache")),
+        ModelArguments(backbone=str(tmp_path / "resnet"), num_concepts=2),
+        ProtoQuantTrainingArguments(output_dir=str(tmp_path / "out"), disable_tqdm=True, stage1_epochs=1,
+                                    stage2_epochs=1, top_k_per_class=None, kmeans_iterations=2),
+    )
+    assert "held out" in summary.dataset.test_split  # the image folder has no test/ split
+    from protoquant_hf.cli import format_summary
+
+    assert "test split" in format_summary(summary, str(tmp_path / "out")) and "held out" in format_summary(summary, "x")

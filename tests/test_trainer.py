@@ -273,6 +273,7 @@ def test_resume_from_checkpoint_reaches_the_same_weights(tmp_path, data):
     trainer = make_trainer(tmp_path, data, model=resumed, args=training_args(tmp_path / "b", **args), l1_lambda=1e-3)
     trainer.train(resume_from_checkpoint=str(checkpoint))
     torch.testing.assert_close(resumed.classifier.weight, full.classifier.weight)
+    assert [n for n, p in resumed.named_parameters() if p.requires_grad] == ["classifier.weight"]  # still frozen
     assert trainer.state.global_step == 2 * steps_per_epoch
     assert not torch.equal(full.classifier.weight, tiny_model().classifier.weight)  # training did move W
 

@@ -7,9 +7,10 @@
 Each phase is a function of the run context returning its typed result (`summary.py`), or None when
 its options skip it. The run works in a hidden sibling folder (``.<name>.incomplete``): after every
 phase, and at evenly spaced epochs inside the training stages, it checkpoints the model and the
-progress, so ``--resume`` continues an interrupted run where it stopped; the folder is renamed to
-``output_dir`` only when every phase succeeded. Adding a phase is one function and one entry in
-`PHASES`.
+progress, so ``--resume`` continues an interrupted run where it stopped; the folder is marked complete
+and renamed to ``output_dir`` only when every phase succeeded (`output_folder.py`: a previous run is
+replaced only after that, and a run stopped while publishing is published by a rerun). Adding a phase is
+one function and one entry in `PHASES`.
 """
 
 from __future__ import annotations
