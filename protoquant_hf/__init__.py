@@ -11,7 +11,7 @@ from .bundled_backbones import BUNDLED_BACKBONES, bundled_backbone_path
 from .configuration_protoquant import SUPPORTED_BACKBONE_FAMILIES, ProtoQuantConfig
 from .data import BUNDLED_DATASETS, load_image_dataset
 from .image_processing_protoquant import ProtoQuantImageProcessor
-from .pipeline_protoquant import ProtoQuantImageClassificationPipeline, use_protoquant_image_classification
+from .pipeline_protoquant import ConceptExplanationPipeline, ProtoQuantImageClassificationPipeline, register_pipelines
 from .modeling_protoquant import (
     ProtoQuantForImageClassification,
     ProtoQuantImageClassifierOutput,
@@ -37,14 +37,16 @@ ProtoQuantConfig.register_for_auto_class("AutoConfig")
 ProtoQuantModel.register_for_auto_class("AutoModel")
 ProtoQuantForImageClassification.register_for_auto_class("AutoModelForImageClassification")
 ProtoQuantImageProcessor.register_for_auto_class("AutoImageProcessor")
-# pipeline("image-classification") on a ProtoQuant folder converts images as training did.
-use_protoquant_image_classification()
+# pipeline("image-classification") on a ProtoQuant folder converts images as training did, and
+# pipeline("concept-explanation") explains its predictions.
+register_pipelines()
 # Bundled offline backbones are addressable by short name wherever a backbone name is accepted.
 for _name in BUNDLED_BACKBONES:
     register_backbone_alias(_name, bundled_backbone_path)
 
 __all__ = [
     "BUNDLED_BACKBONES",
+    "ConceptExplanationPipeline",
     "BUNDLED_DATASETS",
     "SUPPORTED_BACKBONE_FAMILIES",
     "ProtoQuantConfig",

@@ -1,8 +1,10 @@
-"""The `protoquant` command line: a thin layer over the Python API (`protoquant_hf.training`).
+"""The `protoquant` command line: a thin layer over the Python API (`protoquant_hf.training`, `protoquant_hf.explain`).
 
     protoquant train --help
     protoquant train                      # the embedded default: bundled Lite0 + Animal-MNIST
     python -m protoquant_hf train ...     # the same
+    protoquant explain IMAGE... --model DIR --output_dir OUT
+    protoquant gallery --model DIR --dataset DATA --output_dir NEW
 """
 
 from __future__ import annotations
@@ -75,7 +77,84 @@ def train(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": (train, "train a ProtoQuant classifier (two stages) and save it as a Hugging Face folder")}
+EXPLAIN_DESCRIPTION = """Explain a ProtoQuant model's decisions on your images ("this looks like that"): for each image, the
+predicted class (or --class), its top concepts with presence score x weight = contribution and their share of the
+logit (contributions add up exactly to the logit: the model has no bias), where in the image each concept was
+found (heatmap and box), and the training patches each concept stands for (when the model folder has a gallery;
+`protoquant gallery` builds one). Writes one PNG per image and explanations.json into a new OUTPUT_DIR."""
+
+GALLERY_DESCRIPTION = """Build the codebook gallery of a trained model: one pass over its training data finds each
+concept's nearest training patches, which are stored with the model (gallery/, a few MB) so explanations can show
+them without the data. Also draws the gallery's first page, one sheet per class and the codebook overview into
+figures/. The model folder is never changed silently: write a copy with --output_dir, or pass --in_place."""
+
+
+def explain_command(argv: list[str]) -> int:
+    from .explanation_protoquant import BOX_RULES
+
+    parser = argparse.ArgumentParser(prog="protoquant explain", description=EXPLAIN_DESCRIPTION)
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (or http(s) URLs) to explain")
+    parser.add_argument("--model", required=True, help="a trained ProtoQuant model folder")
+    parser.add_argument("--output_dir", required=True, help="new folder for the figures and explanations.json")
+    parser.add_argument("--top_k", type=int, default=3, help="concepts shown per image (default: 3)")
+    parser.add_argument("--class", dest="target", default=None, help="explain this class (a label) instead of the prediction")
+    parser.add_argument(
+        "--box_rule", choices=BOX_RULES, default=None,
+        help="how a concept's peak becomes a box: patch (token models, exact), pipnet (convnets; the default for "
+        "them) or protopnet (around the top 5%% of the upsampled map)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if an earlier `protoquant explain` wrote it")
+    args = parser.parse_args(argv)
+    from .explain.model_folder import explain_to_folder
+
+    try:
+        figures = explain_to_folder(
+            args.images, args.model, args.output_dir, top_k=args.top_k, target=args.target, box_rule=args.box_rule,
+            overwrite=args.overwrite,
+        )
+    except (ValueError, FileNotFoundError, OSError) as error:
+        print(f"protoquant explain: error: {error}", file=sys.stderr)
+        return 2
+    print(f"Wrote {len(figures)} explanation figure(s) and explanations.json to {args.output_dir}")
+    return 0
+
+
+def gallery_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="protoquant gallery", description=GALLERY_DESCRIPTION)
+    parser.add_argument("--model", required=True, help="a trained ProtoQuant model folder")
+    parser.add_argument("--dataset", required=True, help="its training data: a bundled name, an image folder or a Hub dataset id")
+    parser.add_argument("--dataset_config", default=None, help="Hub dataset configuration name")
+    parser.add_argument("--split", default="train", help="the split the patches come from (default: train)")
+    parser.add_argument("--max_samples", type=int, default=None, help="use at most this many images of the split (stratified)")
+    parser.add_argument("--per_concept", type=int, default=5, help="nearest training patches stored per concept (default: 5)")
+    parser.add_argument("--thumb_size", type=int, default=32, help="side of the stored patch thumbnails in pixels (default: 32)")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--output_dir", help="write a copy of the model with its gallery and figures to this new folder")
+    target.add_argument("--in_place", action="store_true", help="add (or replace) gallery/ and figures/ in the model folder itself")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it is a ProtoQuant model folder")
+    parser.add_argument("--disable_tqdm", action="store_true", help="hide the progress bar of the pass over the data")
+    args = parser.parse_args(argv)
+    from .explain.model_folder import add_gallery
+
+    extra = {"name": args.dataset_config} if args.dataset_config else {}
+    try:
+        folder = add_gallery(
+            args.model, args.dataset, output_dir=args.output_dir, in_place=args.in_place, overwrite=args.overwrite,
+            per_concept=args.per_concept, thumb_size=args.thumb_size, split=args.split, max_samples=args.max_samples,
+            show_progress=not args.disable_tqdm, **extra,
+        )
+    except (ValueError, FileNotFoundError, OSError) as error:
+        print(f"protoquant gallery: error: {error}", file=sys.stderr)
+        return 2
+    print(f"Gallery and figures written to {folder}")
+    return 0
+
+
+COMMANDS = {
+    "train": (train, "train a ProtoQuant classifier (two stages) and save it as a Hugging Face folder"),
+    "explain": (explain_command, "explain a model's decisions on images: concepts, contributions, heatmaps, patches"),
+    "gallery": (gallery_command, "store each concept's nearest training patches with a model, and draw them"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -144,6 +144,10 @@ class ProtoQuantConfig(PreTrainedConfig):
     backbone_name: str | None = None
 
     def __post_init__(self, **kwargs):
+        # Saved for the Hub (`to_dict`), dropped when loading: transformers' pipeline() insists on
+        # trust_remote_code for any task listed there, even when this package (or the folder's remote config,
+        # on import) has registered the task already.
+        kwargs.pop("custom_pipelines", None)
         super().__post_init__(**kwargs)
         kind = backbone_kind(self.backbone_config.model_type)
         if kind == "autobackbone":
@@ -176,6 +180,14 @@ class ProtoQuantConfig(PreTrainedConfig):
 
     def to_dict(self) -> dict:
         output = super().to_dict()
+        output["custom_pipelines"] = {
+            "concept-explanation": {
+                "impl": "pipeline_protoquant.ConceptExplanationPipeline",
+                "pt": ["AutoModelForImageClassification"],
+                "tf": [],
+                "type": "image",
+            }
+        }
         backbone = output.get("backbone_config")
         if isinstance(backbone, dict):
             for key in self._BACKBONE_KEYS_NOT_SAVED:
@@ -184,11 +196,12 @@ class ProtoQuantConfig(PreTrainedConfig):
 
 
 # Serve ProtoQuant folders with the image-classification pipeline that converts images as training did (it is
-# the stock pipeline for every other model). Done at config import, because pipeline() loads the config before
-# it picks the task's implementation; only when pipelines are in use, to keep plain model loading light.
+# the stock pipeline for every other model) and register "concept-explanation". Done at config import, because
+# pipeline() loads the config before it picks the task's implementation (so this works for remote code too);
+# only when pipelines are in use, to keep plain model loading light.
 if "transformers.pipelines" in sys.modules:
-    from .pipeline_protoquant import use_protoquant_image_classification
+    from .pipeline_protoquant import register_pipelines
 
-    use_protoquant_image_classification()
+    register_pipelines()
 
 __all__ = ["ProtoQuantConfig", "SUPPORTED_BACKBONE_FAMILIES", "backbone_kind"]

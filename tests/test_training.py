@@ -73,7 +73,7 @@ def backbone_folder(tmp_path_factory) -> Path:
 def run_args(image_folder, backbone_folder, output_dir, **training):
     defaults = dict(
         output_dir=str(output_dir), batch_size=8, stage1_epochs=2, stage2_epochs=4, kmeans_iterations=5, seed=0,
-        top_k_per_class=None, sparsify_epochs=2,
+        top_k_per_class=None, sparsify_epochs=2, explain_test_images=0,
     )
     defaults.update(training)
     return (
@@ -86,7 +86,7 @@ def run_args(image_folder, backbone_folder, output_dir, **training):
 @pytest.fixture(scope="module")
 def trained(image_folder, backbone_folder, tmp_path_factory):
     output = tmp_path_factory.mktemp("runs") / "run"
-    summary = train_protoquant(*run_args(image_folder, backbone_folder, output, top_k_per_class=2))
+    summary = train_protoquant(*run_args(image_folder, backbone_folder, output, top_k_per_class=2, explain_test_images=3))
     return output, summary
 
 
@@ -96,13 +96,28 @@ def test_pipeline_writes_a_loadable_folder(trained):
     assert {"config.json", "model.safetensors", "preprocessor_config.json", "training_summary.json", "train_log.jsonl"} <= files
     assert "checkpoint" not in files and not list(output.parent.glob(".*incomplete"))
     assert TrainingSummary.load(output) == summary
-    assert list(summary.phases) == ["init", "probe", "stage1", "prune", "stage2", "sparsify", "grounding"]
+    assert list(summary.phases) == ["init", "probe", "stage1", "prune", "stage2", "sparsify", "grounding", "gallery", "figures"]
     model = AutoModelForImageClassification.from_pretrained(output).eval()
     assert model.config.num_concepts == model.codebook.concepts.shape[0] == model.classifier.weight.shape[1]
     assert model.config.head_l1_lambda == summary.arguments["training"]["l1_lambda"]
     image = _pattern(1, np.random.default_rng(5))
     results = pipeline("image-classification", model=str(output))(image)
     assert {r["label"] for r in results} == {"horizontal", "vertical", "checker"}
+
+
+def test_the_job_stores_the_gallery_and_draws_the_figures(trained):
+    from protoquant_hf.explain import ConceptGallery
+
+    output, summary = trained
+    model = ProtoQuantForImageClassification.from_pretrained(output)
+    gallery = ConceptGallery.load(output)
+    gallery.check_matches(model)  # built for the final (sparsified) codebook
+    assert gallery.num_concepts == model.config.num_concepts and summary.phases["gallery"].per_concept == 5
+    assert summary.phases["gallery"].bytes == sum(p.stat().st_size for p in (output / "gallery").iterdir())
+    files = summary.phases["figures"].files
+    assert sum(name.startswith("figures/explanation_") for name in files) == 3  # one per class
+    assert {"figures/overview.png", "figures/gallery_page_1.png"} <= set(files)
+    assert all((output / name).stat().st_size > 10_000 for name in files)
 
 
 def _test_split(image_folder, output):
@@ -296,6 +311,7 @@ def test_two_processes_match_one_process(image_folder, backbone_folder, tmp_path
         "--dataset", str(image_folder), "--backbone", str(backbone_folder), "--image_size", str(SIZE),
         "--num_concepts", "8", "--feature_dtype", "float32", "--stage1_epochs", "2", "--stage2_epochs", "3",
         "--kmeans_iterations", "5", "--seed", "0", "--cache_dir", str(tmp_path / "cache"), "--top_k_per_class", "0",
+        "--explain_test_images", "0",
     ]
     # Same global batch: 16 in one process, 2 x 8 in two.
     one = _launch([*common, "--batch_size", "16", "--output_dir", str(tmp_path / "one")], tmp_path, 1)
@@ -424,6 +440,7 @@ def test_cli_output_is_one_bar_per_phase_and_a_table(image_folder, backbone_fold
         "--image_size", str(SIZE), "--num_concepts", "8", "--feature_dtype", "float32", "--stage1_epochs", "2",
         "--stage2_epochs", "3", "--top_k_per_class", "2", "--sparsify_epochs", "2", "--kmeans_iterations", "5",
         "--batch_size", "8", "--cache_dir", str(tmp_path / "cache"), "--checkpoints_per_stage", "3",
+        "--explain_test_images", "0",
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     shown = subprocess.run([*common, "--output_dir", str(tmp_path / "a")], capture_output=True, text=True, env=env, timeout=600)

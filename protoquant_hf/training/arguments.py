@@ -176,6 +176,18 @@ class ProtoQuantTrainingArguments:
     )
     sparsify_epochs: int = field(default=100, metadata={"help": "Head retraining epochs after top-k sparsification."})
     warmup_ratio: float = field(default=0.05, metadata={"help": "Linear warm-up share of each stage's steps (cosine decay after)."})
+    # Explanations stored and drawn with the model.
+    gallery_per_concept: int = field(
+        default=5,
+        metadata={"help": "Nearest training patches per concept stored with the model in gallery/ (0: no gallery)."},
+    )
+    explain_test_images: int = field(
+        default=4,
+        metadata={
+            "help": "Local explanations drawn for this many test images into figures/, with the codebook overview, "
+            "a gallery page and one sheet per class (0: no figures)."
+        },
+    )
 
     def __post_init__(self):
         if not 0 <= self.l1_lambda < math.inf:
@@ -193,6 +205,9 @@ class ProtoQuantTrainingArguments:
             self.top_k_per_class = None
         if self.top_k_per_class is not None and self.top_k_per_class < 0:
             raise ValueError(f"--top_k_per_class must be >= 1 (or 0 to skip), got {self.top_k_per_class}.")
+        for name in ("gallery_per_concept", "explain_test_images"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}.")
         for name in ("checkpoints_per_stage", "batch_size", "extraction_batch_size", "kmeans_max_vectors",
                      "kmeans_iterations", "prune_steps"):
             if getattr(self, name) < 1:

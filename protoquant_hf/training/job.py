@@ -2,7 +2,7 @@
 
     dataset ─▶ feature cache ─▶ init (k-means) ─▶ probe (stage-1 head, dense reference)
             ─▶ stage1 (codebook) ─▶ prune (dead / usage) ─▶ stage2 (sparse head)
-            ─▶ sparsify (top-k + retrain) ─▶ grounding ─▶ output folder
+            ─▶ sparsify (top-k + retrain) ─▶ grounding ─▶ gallery ─▶ figures ─▶ output folder
 
 Each phase is a function of the run context returning its typed result (`summary.py`), or None when
 its options skip it. The run works in a hidden sibling folder (``.<name>.incomplete``): after every
@@ -43,6 +43,7 @@ from ..concepts import (
     set_concepts,
 )
 from ..data import load_image_dataset, make_image_transform, with_image_size
+from ..explain import ConceptGallery, build_gallery, write_figures
 from ..image_processing_protoquant import ProtoQuantImageProcessor
 from ..configuration_protoquant import ProtoQuantConfig, backbone_kind
 from ..modeling_protoquant import ProtoQuantForImageClassification, ProtoQuantModel, quiet_transformers, resolve_backbone
@@ -57,6 +58,8 @@ from .summary import (
     CodebookResult,
     ConceptsPerClass,
     DatasetInfo,
+    FiguresResult,
+    GalleryResult,
     GroundingResult,
     HeadResult,
     InitResult,
@@ -118,10 +121,13 @@ class RunContext:
     test_cache: FeatureCache
     train_inputs: FeatureCache | AugmentedImages
     progress: RunProgress
+    dataset: object = None  # the DatasetDict (train / test)
+    processor: object = None  # the ProtoQuantImageProcessor saved with the model
     on_epoch_end: Callable[[str, int], None] | None = None
     segment_started: float = field(default_factory=time.perf_counter)
     phase_started: float = field(default_factory=time.perf_counter)
     stage1_usage: torch.Tensor | None = None  # counted after stage 1, reused by the prune phase
+    final_stats: ConceptStats | None = None  # of the gallery pass, reused by the figures
 
     @property
     def augmented(self) -> bool:
@@ -290,6 +296,45 @@ def measure_grounding(ctx: RunContext) -> GroundingResult:
     return GroundingResult(grounding=ctx.concept_stats().grounding_summary())
 
 
+def store_gallery(ctx: RunContext) -> GalleryResult | None:
+    """The codebook gallery (each concept's nearest training patches) into the model folder's gallery/."""
+    per_concept = ctx.args.gallery_per_concept
+    if per_concept == 0:
+        return None
+    if ctx.accelerator.is_main_process:
+        gallery, ctx.final_stats = build_gallery(
+            ctx.model, ctx.dataset["train"], ctx.processor, per_concept=per_concept, features=ctx.train_cache,
+            dataset_name=ctx.data_args.dataset, show_progress=ctx.show_progress,
+        )
+        folder = gallery.save(ctx.work)
+        size = sum(path.stat().st_size for path in folder.iterdir())
+    else:
+        size = 0
+    return GalleryResult(per_concept=per_concept, thumb_size=32, bytes=size)
+
+
+def draw_figures(ctx: RunContext) -> FiguresResult | None:
+    """Figures into the model folder's figures/: local explanations of a few test images (one per class, in
+    class order), the codebook overview, and with a gallery its first page and one sheet per class."""
+    count = ctx.args.explain_test_images
+    if count == 0:
+        return None
+    if not ctx.accelerator.is_main_process:
+        return FiguresResult(files=[])
+    gallery = None
+    if (ctx.work / "gallery").exists():
+        gallery = ConceptGallery.load(ctx.work)
+        gallery.check_matches(ctx.model)
+    test = ctx.dataset["test"]
+    labels = list(test["label"])
+    rows = [labels.index(c) for c in range(ctx.model.config.num_labels) if c in labels][:count]
+    files = write_figures(
+        ctx.model, ctx.work, stats=ctx.final_stats or ctx.concept_stats(), gallery=gallery,
+        images=[test[row]["image"] for row in rows], image_processor=ctx.processor,
+    )
+    return FiguresResult(files=files)
+
+
 PHASES: tuple[Phase, ...] = (
     Phase("init", initialize),
     Phase("probe", fit_stage1_head),
@@ -298,6 +343,8 @@ PHASES: tuple[Phase, ...] = (
     Phase("stage2", train_head),
     Phase("sparsify", sparsify_head),
     Phase("grounding", measure_grounding),
+    Phase("gallery", store_gallery),
+    Phase("figures", draw_figures),
 )
 DONE = "done"
 
@@ -554,6 +601,7 @@ def train_protoquant(
         data_args=data_args, model_args=model_args, args=training_args, accelerator=accelerator, work=work,
         model=model, source=source, class_names=class_names, train_cache=train_cache, test_cache=test_cache,
         train_inputs=train_inputs, progress=progress, on_epoch_end=on_epoch_end, segment_started=segment_started,
+        dataset=dataset, processor=processor,
     )
     names = [phase.name for phase in PHASES]
     start = names.index(progress.phase) if progress.phase in names else len(PHASES)

@@ -105,6 +105,22 @@ class GroundingResult(PhaseResult):
     grounding: GroundingSummary
 
 
+@dataclass(kw_only=True)
+class GalleryResult(PhaseResult):
+    """The codebook gallery stored with the model (``gallery/``): nearest training patches per concept."""
+
+    per_concept: int
+    thumb_size: int
+    bytes: int
+
+
+@dataclass(kw_only=True)
+class FiguresResult(PhaseResult):
+    """Figures written into the model folder (``figures/``), paths relative to it."""
+
+    files: list[str]
+
+
 @dataclass
 class DatasetInfo:
     name: str
@@ -240,6 +256,8 @@ __all__ = [
     "CodebookResult",
     "ConceptsPerClass",
     "DatasetInfo",
+    "FiguresResult",
+    "GalleryResult",
     "GroundingResult",
     "HeadResult",
     "InitResult",
