@@ -60,8 +60,7 @@ def plot_explanation(explanation, path: str | Path | None = None) -> Figure:
     )
     figure.suptitle(f"{headline}   ·   logit {explanation.logit:.3f}", fontsize=10, y=1.0)
     input_axis = figure.add_subplot(grid[: len(concepts), 0])
-    _image_axis(input_axis, explanation.image)
-    input_axis.set_xlabel("input, as the model saw it", fontsize=8)
+    _image_axis(input_axis, explanation.image, "input\n(as the model saw it)")
     grey = explanation.image.mean(axis=2, keepdims=True).repeat(3, axis=2).astype(np.uint8)
     for row, evidence in enumerate(concepts):
         colour = CONCEPT_COLOURS[row % len(CONCEPT_COLOURS)]
