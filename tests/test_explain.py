@@ -4,12 +4,12 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import PIL.Image
 import pytest
 import torch
+from fresh_process import run_without_package
 from tiny_backbones import tiny_backbone_config
 from transformers import BitImageProcessor, ViTImageProcessor, pipeline
 
@@ -268,14 +268,9 @@ def test_concept_explanation_pipeline_in_a_fresh_process(folder, tmp_path):
     noise_images(1, 32)[0].save(image_path)
     reference = explain(ProtoQuantForImageClassification.from_pretrained(folder), str(image_path), ProtoQuantImageProcessor.from_pretrained(folder))[0]
     expected = {"label": reference.predicted_label, "concepts": [c.concept for c in reference.concepts], "logit": reference.logit}
-    script = textwrap.dedent(
+    script = (
         f"""
-        import sys, json, importlib.abc
-        class Block(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] == "protoquant_hf":
-                    raise ImportError("protoquant_hf is hidden in this test")
-        sys.meta_path.insert(0, Block())
+        import json
         from transformers import pipeline
         explainer = pipeline("concept-explanation", model={str(folder)!r}, trust_remote_code=True)
         assert type(explainer).__module__.startswith("transformers_modules"), type(explainer).__module__
@@ -288,8 +283,7 @@ def test_concept_explanation_pipeline_in_a_fresh_process(folder, tmp_path):
         print("EXPLAIN-OK")
         """
     )
-    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PATH": "/usr/bin:/bin"}
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    result = run_without_package(script, tmp_path)
     assert "EXPLAIN-OK" in result.stdout, result.stderr[-3000:]
 
 

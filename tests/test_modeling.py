@@ -2,14 +2,12 @@
 
 import json
 import math
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from fresh_process import run_without_package
 from tiny_backbones import TINY_BACKBONES, tiny_backbone_config
 from transformers import (
     AutoConfig,
@@ -297,14 +295,8 @@ def test_fresh_process_remote_code_load_without_package(tmp_path):
     with torch.no_grad():
         expected = model(pixels).logits
     torch.save(expected, tmp_path / "expected.pt")
-    script = textwrap.dedent(
+    script = (
         f"""
-        import sys, importlib.abc
-        class Block(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] == "protoquant_hf":
-                    raise ImportError("protoquant_hf is hidden in this test")
-        sys.meta_path.insert(0, Block())
         import torch
         from PIL import Image
         from transformers import AutoModel, AutoModelForImageClassification, pipeline
@@ -333,10 +325,7 @@ def test_fresh_process_remote_code_load_without_package(tmp_path):
         print("REMOTE-OK")
         """
     )
-    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PATH": "/usr/bin:/bin"}
-    result = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
+    result = run_without_package(script, tmp_path)
     assert "REMOTE-OK" in result.stdout, result.stderr[-3000:]
 
 

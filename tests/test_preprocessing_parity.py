@@ -1,14 +1,12 @@
 """Training and serving convert images the same way: the saved image processor is the training one."""
 
 import json
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import PIL.Image
 import pytest
 import torch
+from fresh_process import run_without_package
 from tiny_backbones import tiny_backbone_config
 from transformers import AutoImageProcessor, BitImageProcessor, pipeline
 
@@ -125,14 +123,9 @@ def test_remote_code_pipeline_converts_like_training(folder, tmp_path):
         image.save(tmp_path / f"{mode}.{'tiff' if mode == 'CMYK' else 'png'}")
         expected[mode] = training_logits(folder, image).tolist()
     (tmp_path / "expected.json").write_text(json.dumps(expected))
-    script = textwrap.dedent(
+    script = (
         f"""
-        import sys, json, importlib.abc
-        class Block(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] == "protoquant_hf":
-                    raise ImportError("protoquant_hf is hidden in this test")
-        sys.meta_path.insert(0, Block())
+        import json
         import torch
         from PIL import Image
         from transformers import AutoImageProcessor, pipeline
@@ -157,6 +150,5 @@ def test_remote_code_pipeline_converts_like_training(folder, tmp_path):
         print("PARITY-OK")
         """
     )
-    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PATH": "/usr/bin:/bin"}
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    result = run_without_package(script, tmp_path)
     assert "PARITY-OK" in result.stdout, result.stderr[-3000:]
