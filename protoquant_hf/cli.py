@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from transformers import HfArgumentParser
 
@@ -150,10 +151,60 @@ def gallery_command(argv: list[str]) -> int:
     return 0
 
 
+PUSH_DESCRIPTION = """Publish a trained ProtoQuant model to the Hugging Face Hub in one commit: the inference bundle
+(weights without training-only state, config with auto_map and the concept-explanation pipeline, remote code, image
+processor, gallery, figures, summaries, a Space-ready app.py) with a model card whose numbers come from the training
+summary. Log in first (`hf auth login`, or set HF_TOKEN). --dry_run OUT writes the bundle to OUT and uploads nothing."""
+
+
+def push_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="protoquant push", description=PUSH_DESCRIPTION)
+    parser.add_argument("--model", required=True, help="a trained ProtoQuant folder (the output of `protoquant train`)")
+    parser.add_argument("--repo_id", required=True, help="the Hub repository, 'your-name/model-name'")
+    parser.add_argument("--private", action="store_true", help="create the repository as private")
+    parser.add_argument("--revision", default=None, help="a branch to push to (created if needed)")
+    parser.add_argument("--license", default="apache-2.0", help="license in the model card (default: apache-2.0)")
+    parser.add_argument("--include_stage1_head", action="store_true", help="keep the frozen stage-1 head (to continue stage 1)")
+    parser.add_argument("--dry_run", metavar="OUT", default=None, help="write the bundle to the new folder OUT; upload nothing")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it is a bundle written before")
+    args = parser.parse_args(argv)
+    import tempfile
+
+    from .hub import check_repo_and_token, export_bundle, push_bundle
+
+    try:
+        if args.dry_run is None:
+            check_repo_and_token(args.repo_id)  # before the bundle is built
+        with tempfile.TemporaryDirectory(prefix="protoquant-bundle-") as tmp:
+            bundle = export_bundle(
+                args.model, args.dry_run or Path(tmp) / "bundle", repo_id=args.repo_id, license=args.license,
+                include_stage1_head=args.include_stage1_head, overwrite=args.overwrite,
+            )
+            files = sorted(str(p.relative_to(bundle)) for p in bundle.rglob("*") if p.is_file())
+            if args.dry_run is not None:
+                print(f"Dry run: {len(files)} files for {args.repo_id} in {bundle}, nothing uploaded:")
+                print("\n".join(f"  {name}" for name in files))
+                return 0
+            commit = push_bundle(bundle, args.repo_id, private=args.private, revision=args.revision)
+    except (ValueError, FileNotFoundError, OSError) as error:
+        print(f"protoquant push: error: {error}", file=sys.stderr)
+        return 2
+    print(f"Pushed {len(files)} files in one commit: {getattr(commit, 'commit_url', args.repo_id)}")
+    return 0
+
+
+def app_command(argv: list[str]) -> int:
+    from .app import main as app_main
+
+    return app_main(argv)
+
+
 COMMANDS = {
     "train": (train, "train a ProtoQuant classifier (two stages) and save it as a Hugging Face folder"),
     "explain": (explain_command, "explain a model's decisions on images: concepts, contributions, heatmaps, patches"),
     "gallery": (gallery_command, "store each concept's nearest training patches with a model, and draw them"),
+    "push": (push_command, "publish a trained model to the Hugging Face Hub (bundle + model card, one commit)"),
+    "app": (app_command, "serve a local demo app (Gradio) for a model: prediction, concepts, heatmaps, patches"),
 }
 
 

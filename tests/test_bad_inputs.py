@@ -41,6 +41,7 @@ def parse(*argv: str):
         (["--log_level", "loud"], "--log_level must be one of"),
         (["--num_concepts", "0"], "--num_concepts must be >= 1"),
         (["--overwrite", "--resume"], "contradict"),
+        (["--push_to_hub"], "--push_to_hub needs --hub_model_id"),
     ],
 )
 def test_arguments_are_validated_where_they_are_parsed(argv, match):
@@ -137,7 +138,8 @@ def test_a_held_out_test_split_is_reported_in_the_summary(image_folder, tmp_path
         DataArguments(dataset=str(image_folder), image_size=32, cache_dir=str(tmp_path / "cache")),
         ModelArguments(backbone=str(tmp_path / "resnet"), num_concepts=2),
         ProtoQuantTrainingArguments(output_dir=str(tmp_path / "out"), disable_tqdm=True, stage1_epochs=1,
-                                    stage2_epochs=1, top_k_per_class=None, kmeans_iterations=2, explain_test_images=0),
+                                    stage2_epochs=1, top_k_per_class=None, kmeans_iterations=2, explain_test_images=0,
+                                    hub_bundle=False),
     )
     assert "held out" in summary.dataset.test_split  # the image folder has no test/ split
     from protoquant_hf.cli import format_summary

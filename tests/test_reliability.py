@@ -49,7 +49,7 @@ def cli(image_folder, backbone_folder, cache, *extra, env=None, cwd=None) -> sub
         sys.executable, "-m", "protoquant_hf", "train", "--dataset", str(image_folder), "--backbone", str(backbone_folder),
         "--image_size", str(SIZE), "--num_concepts", "4", "--feature_dtype", "float32", "--stage1_epochs", "1",
         "--stage2_epochs", "2", "--top_k_per_class", "0", "--kmeans_iterations", "3", "--batch_size", "8",
-        "--cache_dir", str(cache), "--disable_tqdm", "--explain_test_images", "0", *extra,
+        "--cache_dir", str(cache), "--disable_tqdm", "--explain_test_images", "0", "--hub_bundle", "False", *extra,
     ]
     environment = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
     return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=600, cwd=cwd)
@@ -61,7 +61,7 @@ def api_args(image_folder, backbone_folder, output_dir, cache, **training):
         ModelArguments(backbone=str(backbone_folder), num_concepts=4),
         ProtoQuantTrainingArguments(
             output_dir=str(output_dir), batch_size=8, stage1_epochs=1, stage2_epochs=2, kmeans_iterations=3,
-            top_k_per_class=None, disable_tqdm=True, explain_test_images=0, **training,
+            top_k_per_class=None, disable_tqdm=True, explain_test_images=0, hub_bundle=False, **training,
         ),
     )
 
@@ -188,7 +188,7 @@ def test_two_runs_on_one_new_cache_give_the_same_correct_model(image_folder, bac
             sys.executable, "-m", "protoquant_hf", "train", "--dataset", str(image_folder), "--backbone",
             str(backbone_folder), "--image_size", str(SIZE), "--num_concepts", "4", "--feature_dtype", "float32",
             "--stage1_epochs", "1", "--stage2_epochs", "2", "--top_k_per_class", "0", "--kmeans_iterations", "3",
-            "--batch_size", "8", "--cache_dir", str(cache), "--disable_tqdm", "--explain_test_images", "0",
+            "--batch_size", "8", "--cache_dir", str(cache), "--disable_tqdm", "--explain_test_images", "0", "--hub_bundle", "False",
             "--output_dir", str(tmp_path / name),
         ]
         runs.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment))

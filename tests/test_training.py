@@ -73,7 +73,7 @@ def backbone_folder(tmp_path_factory) -> Path:
 def run_args(image_folder, backbone_folder, output_dir, **training):
     defaults = dict(
         output_dir=str(output_dir), batch_size=8, stage1_epochs=2, stage2_epochs=4, kmeans_iterations=5, seed=0,
-        top_k_per_class=None, sparsify_epochs=2, explain_test_images=0,
+        top_k_per_class=None, sparsify_epochs=2, explain_test_images=0, hub_bundle=False,
     )
     defaults.update(training)
     return (
@@ -86,7 +86,9 @@ def run_args(image_folder, backbone_folder, output_dir, **training):
 @pytest.fixture(scope="module")
 def trained(image_folder, backbone_folder, tmp_path_factory):
     output = tmp_path_factory.mktemp("runs") / "run"
-    summary = train_protoquant(*run_args(image_folder, backbone_folder, output, top_k_per_class=2, explain_test_images=3))
+    summary = train_protoquant(
+        *run_args(image_folder, backbone_folder, output, top_k_per_class=2, explain_test_images=3, hub_bundle=True)
+    )
     return output, summary
 
 
@@ -117,7 +119,20 @@ def test_the_job_stores_the_gallery_and_draws_the_figures(trained):
     files = summary.phases["figures"].files
     assert sum(name.startswith("figures/explanation_") for name in files) == 3  # one per class
     assert {"figures/overview.png", "figures/gallery_page_1.png"} <= set(files)
-    assert all((output / name).stat().st_size > 10_000 for name in files)
+    assert all((output / name).stat().st_size > 10_000 for name in files if name.startswith("figures/"))
+    assert sorted(p.name for p in (output / "examples").iterdir()) == ["1_checker.png", "2_horizontal.png", "3_vertical.png"]
+
+
+def test_the_job_writes_the_hub_bundle(trained):
+    from huggingface_hub import ModelCard
+
+    from protoquant_hf.hub import REMOTE_CODE_FILES
+
+    output, summary = trained
+    bundle = output / "hub"
+    assert {"README.md", "model.safetensors", "app.py", "gallery", "figures", "examples", *REMOTE_CODE_FILES} <= {p.name for p in bundle.iterdir()}
+    card = ModelCard.load(bundle / "README.md")
+    assert card.data.eval_results[0].metric_value == round(summary.accuracy, 4)
 
 
 def _test_split(image_folder, output):
@@ -311,7 +326,7 @@ def test_two_processes_match_one_process(image_folder, backbone_folder, tmp_path
         "--dataset", str(image_folder), "--backbone", str(backbone_folder), "--image_size", str(SIZE),
         "--num_concepts", "8", "--feature_dtype", "float32", "--stage1_epochs", "2", "--stage2_epochs", "3",
         "--kmeans_iterations", "5", "--seed", "0", "--cache_dir", str(tmp_path / "cache"), "--top_k_per_class", "0",
-        "--explain_test_images", "0",
+        "--explain_test_images", "0", "--hub_bundle", "False",
     ]
     # Same global batch: 16 in one process, 2 x 8 in two.
     one = _launch([*common, "--batch_size", "16", "--output_dir", str(tmp_path / "one")], tmp_path, 1)
@@ -440,7 +455,7 @@ def test_cli_output_is_one_bar_per_phase_and_a_table(image_folder, backbone_fold
         "--image_size", str(SIZE), "--num_concepts", "8", "--feature_dtype", "float32", "--stage1_epochs", "2",
         "--stage2_epochs", "3", "--top_k_per_class", "2", "--sparsify_epochs", "2", "--kmeans_iterations", "5",
         "--batch_size", "8", "--cache_dir", str(tmp_path / "cache"), "--checkpoints_per_stage", "3",
-        "--explain_test_images", "0",
+        "--explain_test_images", "0", "--hub_bundle", "False",
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     shown = subprocess.run([*common, "--output_dir", str(tmp_path / "a")], capture_output=True, text=True, env=env, timeout=600)

@@ -13,7 +13,7 @@ from pathlib import Path
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from ..data import load_image_dataset
-from ..modeling_protoquant import quiet_transformers
+from ..backbones import quiet_transformers
 from ..output_folder import check_writable, is_complete, mark_complete, publish, refusal_reason, work_folder
 from . import explain, load_gallery, write_figures
 from .figures import plot_explanation

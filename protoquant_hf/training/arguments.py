@@ -181,6 +181,14 @@ class ProtoQuantTrainingArguments:
         default=5,
         metadata={"help": "Nearest training patches per concept stored with the model in gallery/ (0: no gallery)."},
     )
+    hub_bundle: bool = field(
+        default=True,
+        metadata={"help": "Also write OUTPUT_DIR/hub: the Hub bundle (weights without training-only state, model card, "
+                  "remote code, gallery, figures, Space app) that `protoquant push` uploads."},
+    )
+    push_to_hub: bool = field(default=False, metadata={"help": "Upload the bundle to the Hub when training succeeded."})
+    hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository of --push_to_hub, 'your-name/model-name'."})
+    hub_private_repo: bool = field(default=False, metadata={"help": "Create the --push_to_hub repository as private."})
     explain_test_images: int = field(
         default=4,
         metadata={
@@ -205,6 +213,10 @@ class ProtoQuantTrainingArguments:
             self.top_k_per_class = None
         if self.top_k_per_class is not None and self.top_k_per_class < 0:
             raise ValueError(f"--top_k_per_class must be >= 1 (or 0 to skip), got {self.top_k_per_class}.")
+        if self.push_to_hub and not self.hub_model_id:
+            raise ValueError("--push_to_hub needs --hub_model_id your-name/model-name.")
+        if self.push_to_hub and not self.hub_bundle:
+            raise ValueError("--push_to_hub uploads the bundle: do not pass --hub_bundle False with it.")
         for name in ("gallery_per_concept", "explain_test_images"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}.")

@@ -46,7 +46,8 @@ from ..data import load_image_dataset, make_image_transform, with_image_size
 from ..explain import ConceptGallery, build_gallery, write_figures
 from ..image_processing_protoquant import ProtoQuantImageProcessor
 from ..configuration_protoquant import ProtoQuantConfig, backbone_kind
-from ..modeling_protoquant import ProtoQuantForImageClassification, ProtoQuantModel, quiet_transformers, resolve_backbone
+from ..backbones import quiet_transformers, resolve_backbone
+from ..modeling_protoquant import ProtoQuantForImageClassification, ProtoQuantModel
 from ..output_folder import check_writable, crash_point, is_complete, mark_complete, publish, refusal_reason, work_folder
 from .arguments import DataArguments, ModelArguments, ProtoQuantTrainingArguments
 from .concept_init import initialize_concepts
@@ -328,10 +329,17 @@ def draw_figures(ctx: RunContext) -> FiguresResult | None:
     test = ctx.dataset["test"]
     labels = list(test["label"])
     rows = [labels.index(c) for c in range(ctx.model.config.num_labels) if c in labels][:count]
+    images = [test[row]["image"] for row in rows]
     files = write_figures(
-        ctx.model, ctx.work, stats=ctx.final_stats or ctx.concept_stats(), gallery=gallery,
-        images=[test[row]["image"] for row in rows], image_processor=ctx.processor,
+        ctx.model, ctx.work, stats=ctx.final_stats or ctx.concept_stats(), gallery=gallery, images=images,
+        image_processor=ctx.processor,
     )
+    # The explained images themselves, as examples for the demo app.
+    (ctx.work / "examples").mkdir(exist_ok=True)
+    for number, (row, image) in enumerate(zip(rows, images), start=1):
+        name = f"examples/{number}_{ctx.class_names[labels[row]]}.png"
+        image.convert("RGB").save(ctx.work / name)
+        files.append(name)
     return FiguresResult(files=files)
 
 
@@ -443,7 +451,7 @@ def check_output_dir(args: ProtoQuantTrainingArguments, cache_dir: str | None = 
     return OutputPlan(output_dir, work)
 
 
-def _finish(work: Path, output_dir: Path, model, processor, summary: TrainingSummary, log: list) -> None:
+def _finish(work: Path, output_dir: Path, model, processor, summary: TrainingSummary, log: list, args) -> None:
     """Write the output into the work folder, mark it complete, publish it (main process only). Until the marker
     exists, `--resume` redoes this from the last checkpoint; after it, any rerun only publishes."""
     model.config.architectures = ["ProtoQuantForImageClassification"]
@@ -452,6 +460,10 @@ def _finish(work: Path, output_dir: Path, model, processor, summary: TrainingSum
     processor.save_pretrained(work)
     summary.save(work)
     (work / LOG_FILE).write_text("".join(json.dumps(record) + "\n" for record in log))
+    if args.hub_bundle:
+        from ..hub import export_bundle
+
+        export_bundle(work, work / "hub", repo_id=args.hub_model_id, overwrite=True)
     crash_point("before-complete")
     mark_complete(work)
     crash_point("complete")
@@ -540,6 +552,10 @@ def train_protoquant(
     """
     plan = check_output_dir(training_args, data_args.cache_dir)
     output_dir, work = plan.output_dir, plan.work
+    if training_args.push_to_hub:  # a bad repo id or a missing login is found now, not after training
+        from ..hub import check_repo_and_token
+
+        check_repo_and_token(training_args.hub_model_id)
     _set_log_level(training_args.log_level)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=training_args.mixed_precision)
     if plan.finish_only:  # trained and marked complete, stopped while publishing: just publish
@@ -639,7 +655,12 @@ def train_protoquant(
     )
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _finish(work, output_dir, model, processor, summary, progress.log)
+        _finish(work, output_dir, model, processor, summary, progress.log, training_args)
+        if training_args.push_to_hub:
+            from ..hub import push_bundle
+
+            commit = push_bundle(output_dir / "hub", training_args.hub_model_id, private=training_args.hub_private_repo)
+            logger.warning("Pushed the bundle to %s", getattr(commit, "commit_url", training_args.hub_model_id))
     accelerator.wait_for_everyone()
     return summary
 

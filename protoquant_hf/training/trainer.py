@@ -180,6 +180,24 @@ class ProtoQuantTrainer(Trainer):
                     "use the dataset it was built for."
                 )
 
+    def create_model_card(self, language=None, license=None, tags=None, model_name=None, finetuned_from=None,
+                          tasks=None, dataset_tags=None, dataset=None, dataset_args=None, **kwargs) -> None:
+        """Write ProtoQuant's model card (not transformers' generic Trainer card) as ``output_dir/README.md``, so
+        ``trainer.push_to_hub()`` publishes it; its numbers are this run's evaluation metrics."""
+        if not self.is_world_process_zero():
+            return
+        from ..hub.card import render_model_card
+
+        metrics = {}
+        for record in self.state.log_history:
+            metrics.update({key: value for key, value in record.items() if key.startswith("eval_")})
+        card = render_model_card(
+            self.accelerator.unwrap_model(self.model), self.args.output_dir,
+            repo_id=getattr(self, "hub_model_id", None) or self.args.hub_model_id,
+            eval_metrics=metrics, license=license or "apache-2.0",
+        )
+        card.save(f"{self.args.output_dir}/README.md")
+
     def _prepare_inputs(self, inputs):
         # The stage is a forward argument, so training, evaluation and prediction all run it
         # through the (possibly DDP-wrapped) model.
