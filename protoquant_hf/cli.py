@@ -55,7 +55,7 @@ def train(argv: list[str]) -> int:
     from accelerate import PartialState
 
     from .training import DataArguments, ModelArguments, ProtoQuantTrainingArguments, train_protoquant
-    from .training.job import check_saved_model
+    from .job import check_saved_model
 
     parser = HfArgumentParser(
         (DataArguments, ModelArguments, ProtoQuantTrainingArguments),

@@ -34,8 +34,6 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
-from .configuration_protoquant import backbone_kind
-
 BOX_RULES = ("patch", "pipnet", "protopnet")
 PIPNET_PATCH_SIZE = 32  # PIP-Net's patch, at any input resolution
 PROTOPNET_PERCENTILE = 95
@@ -48,7 +46,7 @@ GALLERY_FORMAT_VERSION = 1
 
 def default_box_rule(model) -> str:
     """``"patch"`` for token backbones (their grid is exact), ``"pipnet"`` for the others."""
-    return "patch" if backbone_kind(model.config.backbone_config.model_type) == "tokens" else "pipnet"
+    return "patch" if model.protoquant.backbone_kind == "tokens" else "pipnet"
 
 
 def upsample_map(activation_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:

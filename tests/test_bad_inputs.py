@@ -84,7 +84,7 @@ def nothing_written(tmp_path) -> bool:
 
 def test_unsupported_backbone_family_is_named_before_data_loading(image_folder, tmp_path, monkeypatch):
     BertModel(BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)).save_pretrained(tmp_path / "bert")
-    import protoquant_hf.training.job as job
+    import protoquant_hf.job as job
 
     monkeypatch.setattr(job, "load_dataset_for", lambda *a: pytest.fail("the dataset was loaded"))
     with pytest.raises(ValueError, match="'bert' is not supported.*Supported families"):

@@ -1,18 +1,28 @@
 """Two-stage ProtoQuant training: concept init, stage 1 (codebook), stage 2 (sparse head).
 
-The Python API behind `protoquant train`: `train_protoquant` runs the whole job (the phases of
-`job.PHASES`) and returns a typed `TrainingSummary`; `ProtoQuantTrainer` is the transformers
-`Trainer` front end. Feature caches, concept statistics and concept editing live in
-`protoquant_hf.concepts`.
+The stages' building blocks (arguments, k-means init, linear probe, objectives, the Accelerate loop, the typed
+`TrainingSummary`) and `ProtoQuantTrainer`, the transformers `Trainer` front end. The main job that runs them with
+the gallery, figures and Hub bundle, `train_protoquant`, lives one level up (`protoquant_hf.job`) and is
+re-exported here. Feature caches, concept statistics and concept editing live in `protoquant_hf.concepts`.
 """
 
 from .arguments import DataArguments, ModelArguments, ProtoQuantTrainingArguments
 from .concept_init import CONCEPT_INITS, initialize_concepts, spherical_kmeans
-from .job import PHASES, check_saved_model, train_protoquant
 from .objectives import mix_batch, model_objective, soft_cross_entropy
 from .probe import fit_linear_probe
 from .summary import TrainingSummary
 from .trainer import ProtoQuantTrainer, compute_accuracy, prepare_trainer_datasets
+
+_FROM_THE_JOB = ("PHASES", "check_saved_model", "train_protoquant")
+
+
+def __getattr__(name: str):
+    # The job imports this package, so it is re-exported lazily (no import cycle).
+    if name in _FROM_THE_JOB:
+        from .. import job
+
+        return getattr(job, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "CONCEPT_INITS",

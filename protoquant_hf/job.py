@@ -1,4 +1,7 @@
-"""The two-stage training job as a table of contents: `PHASES`, run in order on one `RunContext`.
+"""The main job (`protoquant train`) as a table of contents: `PHASES`, run in order on one `RunContext`.
+
+It sits above the layers it combines: the training stages (`training/`), the gallery and figures (`explain/`) and the
+Hub bundle (`hub/`), which all stand on `concepts/` without importing each other.
 
     dataset ─▶ feature cache ─▶ init (k-means) ─▶ probe (stage-1 head, dense reference)
             ─▶ stage1 (codebook) ─▶ prune (dead / usage) ─▶ stage2 (sparse head)
@@ -31,7 +34,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from transformers import AutoConfig, AutoImageProcessor
 
-from ..concepts import (
+from .concepts import (
     ConceptStats,
     FeatureCache,
     concepts_per_class,
@@ -42,19 +45,20 @@ from ..concepts import (
     remove_unused_concepts,
     set_concepts,
 )
-from ..data import load_image_dataset, make_image_transform, with_image_size
-from ..explain import ConceptGallery, build_gallery, write_figures
-from ..image_processing_protoquant import ProtoQuantImageProcessor
-from ..configuration_protoquant import ProtoQuantConfig, backbone_kind
-from ..backbones import quiet_transformers, resolve_backbone
-from ..modeling_protoquant import ProtoQuantForImageClassification, ProtoQuantModel
-from ..output_folder import check_writable, crash_point, is_complete, mark_complete, publish, refusal_reason, work_folder
-from .arguments import DataArguments, ModelArguments, ProtoQuantTrainingArguments
-from .concept_init import initialize_concepts
-from .loop import AugmentedImages, Objective, accuracy, broadcast_tensor, fit
-from .objectives import mix_batch, model_objective
-from .probe import fit_linear_probe
-from .summary import (
+from .data import load_image_dataset, make_image_transform, with_image_size
+from .explain import ConceptGallery, build_gallery, write_figures
+from .hub import check_repo_and_token, export_bundle, push_bundle
+from .image_processing_protoquant import ProtoQuantImageProcessor
+from .configuration_protoquant import ProtoQuantConfig, backbone_kind
+from .backbones import quiet_transformers, resolve_backbone
+from .modeling_protoquant import ProtoQuantForImageClassification, ProtoQuantModel
+from .output_folder import check_writable, crash_point, is_complete, mark_complete, publish, refusal_reason, work_folder
+from .training.arguments import DataArguments, ModelArguments, ProtoQuantTrainingArguments
+from .training.concept_init import initialize_concepts
+from .training.loop import AugmentedImages, Objective, accuracy, broadcast_tensor, fit
+from .training.objectives import mix_batch, model_objective
+from .training.probe import fit_linear_probe
+from .training.summary import (
     SUMMARY_FILE,
     CodebookResult,
     ConceptsPerClass,
@@ -461,8 +465,6 @@ def _finish(work: Path, output_dir: Path, model, processor, summary: TrainingSum
     summary.save(work)
     (work / LOG_FILE).write_text("".join(json.dumps(record) + "\n" for record in log))
     if args.hub_bundle:
-        from ..hub import export_bundle
-
         export_bundle(work, work / "hub", repo_id=args.hub_model_id, overwrite=True)
     crash_point("before-complete")
     mark_complete(work)
@@ -553,8 +555,6 @@ def train_protoquant(
     plan = check_output_dir(training_args, data_args.cache_dir)
     output_dir, work = plan.output_dir, plan.work
     if training_args.push_to_hub:  # a bad repo id or a missing login is found now, not after training
-        from ..hub import check_repo_and_token
-
         check_repo_and_token(training_args.hub_model_id)
     _set_log_level(training_args.log_level)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=training_args.mixed_precision)
@@ -657,8 +657,6 @@ def train_protoquant(
     if accelerator.is_main_process:
         _finish(work, output_dir, model, processor, summary, progress.log, training_args)
         if training_args.push_to_hub:
-            from ..hub import push_bundle
-
             commit = push_bundle(output_dir / "hub", training_args.hub_model_id, private=training_args.hub_private_repo)
             logger.warning("Pushed the bundle to %s", getattr(commit, "commit_url", training_args.hub_model_id))
     accelerator.wait_for_everyone()
