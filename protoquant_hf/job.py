@@ -52,7 +52,7 @@ from .image_processing_protoquant import ProtoQuantImageProcessor
 from .configuration_protoquant import ProtoQuantConfig, backbone_kind
 from .backbones import quiet_transformers, resolve_backbone
 from .modeling_protoquant import ProtoQuantForImageClassification, ProtoQuantModel
-from .output_folder import check_writable, crash_point, is_complete, mark_complete, publish, refusal_reason, work_folder
+from .output_folder import check_destination, crash_point, is_complete, mark_complete, publish, work_folder
 from .training.arguments import DataArguments, ModelArguments, ProtoQuantTrainingArguments
 from .training.concept_init import initialize_concepts
 from .training.loop import AugmentedImages, Objective, accuracy, broadcast_tensor, fit
@@ -76,6 +76,8 @@ from .training.summary import (
 
 LOG_FILE = "train_log.jsonl"
 PROGRESS_FILE = "progress.json"
+# What a finished work folder no longer needs once it is published.
+WORK_LEFTOVERS = ("checkpoint", PROGRESS_FILE, PROGRESS_FILE + ".tmp")
 logger = logging.getLogger(__name__)
 
 
@@ -423,35 +425,20 @@ class OutputPlan:
 def check_output_dir(args: ProtoQuantTrainingArguments, cache_dir: str | None = None) -> OutputPlan:
     """Refuse unsafe or occupied output folders before anything is read or written."""
     output_dir = Path(args.output_dir).expanduser()
-    reason = refusal_reason(args.output_dir, [cache_dir] if cache_dir else [])
-    if reason:
-        raise ValueError(
-            f"--output_dir {args.output_dir} {reason}; protoquant never uses such a folder as an output folder, "
-            "because finishing a run renames its result there (and --overwrite would replace what is there). "
-            "Choose a new folder, e.g. --output_dir runs/my-model."
-        )
     work = work_folder(output_dir)
-    if is_complete(work):
+    rules = dict(replaceable=is_training_run, kind="a protoquant training run", existing="a previous training run",
+                 protected=[cache_dir] if cache_dir else [])
+    if is_complete(work):  # publishing replaces the previous run this finished run was started to replace
+        check_destination(args.output_dir, overwrite=True, **rules)
         return OutputPlan(output_dir, work, finish_only=True)
-    occupied = output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir()))
-    if occupied and not is_training_run(output_dir):
-        raise ValueError(
-            f"{output_dir} exists and is not a protoquant training run; refusing to write into it or replace it "
-            "(also with --overwrite, which only ever replaces a previous run). Choose another --output_dir."
-        )
+    check_destination(args.output_dir, overwrite=args.overwrite or args.resume, **rules)
     if args.resume:
         if not (work / PROGRESS_FILE).exists():
             raise ValueError(f"--resume: there is no interrupted run of {output_dir} to continue (no {work / PROGRESS_FILE}).")
-    elif occupied and not args.overwrite:
-        raise ValueError(
-            f"{output_dir} holds a previous training run. Pass --overwrite to replace it (only once the new run has "
-            "succeeded), or choose another --output_dir."
-        )
     elif work.exists() and not args.overwrite:
         raise ValueError(
             f"An interrupted run of {output_dir} exists ({work}). Pass --resume to continue it, or --overwrite to start over."
         )
-    check_writable(output_dir)
     return OutputPlan(output_dir, work)
 
 
@@ -469,7 +456,7 @@ def _finish(work: Path, output_dir: Path, model, processor, summary: TrainingSum
     crash_point("before-complete")
     mark_complete(work)
     crash_point("complete")
-    publish(work, output_dir, is_training_run, leftovers=("checkpoint", PROGRESS_FILE, PROGRESS_FILE + ".tmp"))
+    publish(work, output_dir, is_training_run, leftovers=WORK_LEFTOVERS)
 
 
 def load_dataset_for(data_args: DataArguments):
@@ -498,9 +485,10 @@ def _checkpoint_head_matches(model, source: str, class_names: list[str]) -> bool
     return [checkpoint_labels.get(i) for i in range(len(checkpoint_labels))] == class_names
 
 
-def check_backbone(name: str, image_size: int) -> str:
+def check_backbone(name: str, image_size: int) -> tuple[str, object]:
     """Check the backbone before any data is read: a loadable transformers config of a supported family, an
-    image processor, and an image size its downsampling (or patch size) allows. Returns its folder or Hub id."""
+    image processor, and an image size its downsampling (or patch size) allows. Returns its folder or Hub id and
+    its image processor."""
     source = resolve_backbone(name)
     try:
         backbone_config = AutoConfig.from_pretrained(source)
@@ -512,7 +500,7 @@ def check_backbone(name: str, image_size: int) -> str:
     backbone_config = getattr(backbone_config, "vision_config", None) or backbone_config
     backbone_kind(backbone_config.model_type)  # unsupported families: one error listing the supported ones
     try:
-        AutoImageProcessor.from_pretrained(source)
+        image_processor = AutoImageProcessor.from_pretrained(source)
     except (OSError, ValueError) as error:
         raise ValueError(
             f"The backbone {name!r} has no usable image processor (preprocessor_config.json), which training and "
@@ -528,7 +516,7 @@ def check_backbone(name: str, image_size: int) -> str:
     patch = getattr(backbone_config, "patch_size", None) if probe.backbone_kind == "tokens" else None
     if patch and image_size % patch:
         raise ValueError(f"--image_size must be a multiple of the backbone's patch size {patch}, got {image_size}.")
-    return source
+    return source, image_processor
 
 
 def _set_log_level(level: str) -> None:
@@ -561,16 +549,16 @@ def train_protoquant(
     if plan.finish_only:  # trained and marked complete, stopped while publishing: just publish
         summary = TrainingSummary.load(work)
         if accelerator.is_main_process:
-            publish(work, output_dir, is_training_run, leftovers=("checkpoint", PROGRESS_FILE, PROGRESS_FILE + ".tmp"))
+            publish(work, output_dir, is_training_run, leftovers=WORK_LEFTOVERS)
         accelerator.wait_for_everyone()
         return summary
     set_seed(training_args.seed)
     segment_started = time.perf_counter()
 
-    source = check_backbone(model_args.backbone, data_args.image_size)
+    source, backbone_processor = check_backbone(model_args.backbone, data_args.image_size)
     dataset = load_dataset_for(data_args)
     class_names = _class_names(dataset)
-    processor = ProtoQuantImageProcessor.wrap(with_image_size(AutoImageProcessor.from_pretrained(source), data_args.image_size))
+    processor = ProtoQuantImageProcessor.wrap(with_image_size(backbone_processor, data_args.image_size))
     transform = make_image_transform(processor)
 
     if training_args.resume:

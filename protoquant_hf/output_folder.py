@@ -3,9 +3,10 @@
 Whatever protoquant_hf writes for a user (a trained model, later an exported bundle) is built in a hidden sibling
 work folder and published by renaming it into place:
 
-1. `refusal_reason` refuses destinations that could only be replaced by deleting something that is not ours:
-   the current folder or any folder containing it, the home folder, a filesystem root, a folder containing the
-   cache; `check_writable` finds an unwritable destination before any expensive work.
+1. `check_destination` runs before any expensive work: `refusal_reason` refuses destinations that could only be
+   replaced by deleting something that is not ours (the current folder or any folder containing it, the home
+   folder, a filesystem root, a folder containing the cache); an occupied destination must be one of ours and
+   `--overwrite` given; `check_writable` finds an unwritable one.
 2. When the work folder is complete, `mark_complete` writes a marker atomically. From then on a rerun only has to
    `publish`; before it, the interrupted work can be resumed. At every instant one of the two holds.
 3. `publish` replaces an existing destination only if it is one of ours (the caller's `replaceable` check): the
@@ -56,6 +57,47 @@ def refusal_reason(destination: str | os.PathLike, protected: Iterable[str | os.
         if resolved == folder or resolved in folder.parents:
             return f"contains the cache folder {folder}"
     return None
+
+
+def check_destination(
+    destination: str | os.PathLike,
+    *,
+    overwrite: bool,
+    replaceable: Callable[[Path], bool],
+    kind: str,
+    existing: str,
+    flag: str = "--output_dir",
+    protected: Iterable[str | os.PathLike] = (),
+) -> Path:
+    """The one check before anything is built for `destination`: not an unsafe folder (`refusal_reason`), an
+    occupied folder only if it is one of ours (`replaceable`) and `overwrite` is given, and writable.
+
+    Args:
+        kind / existing: what our outputs are, for the messages ("a protoquant training run" / "a previous
+            training run").
+        flag: the option that named the folder, for the messages.
+    """
+    path = Path(destination).expanduser()
+    reason = refusal_reason(destination, protected)
+    if reason:
+        raise ValueError(
+            f"{flag} {destination} {reason}; protoquant never uses such a folder as an output folder, because "
+            "finishing renames the result there (and --overwrite would replace what is there). Choose a new folder, "
+            f"e.g. {flag} runs/my-model."
+        )
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        if not replaceable(path):
+            raise ValueError(
+                f"{path} exists and is not {kind}; refusing to write into it or replace it (also with --overwrite, "
+                f"which only ever replaces {kind}). Choose another {flag}."
+            )
+        if not overwrite:
+            raise ValueError(
+                f"{path} holds {existing} already. Pass --overwrite to replace it (only once the new one is "
+                f"complete), or choose another {flag}."
+            )
+    check_writable(path)
+    return path
 
 
 def check_writable(destination: Path) -> None:
@@ -121,6 +163,7 @@ def crash_point(name: str) -> None:
 
 __all__ = [
     "COMPLETE_MARKER",
+    "check_destination",
     "check_writable",
     "crash_point",
     "is_complete",

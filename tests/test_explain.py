@@ -361,6 +361,26 @@ def test_cli_explain_bad_inputs(folder, tmp_path, monkeypatch, capsys, argv, mat
     assert not (tmp_path / "out").exists()
 
 
+def test_cli_explain_never_replaces_a_users_folder(folder, tmp_path, capsys):
+    noise_images(1, 32)[0].save(tmp_path / "image.png")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes")
+    argv = ["explain", str(tmp_path / "image.png"), "--model", str(folder)]
+    for extra in ([], ["--overwrite"]):
+        code, err = cli_in_process(capsys, *argv, "--output_dir", str(mine), *extra)
+        assert code == 2 and "is not a folder written by `protoquant explain`" in err and "also with --overwrite" in err
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "my notes"
+    # Its own earlier output is replaced only when asked.
+    out = str(tmp_path / "out")
+    assert cli_in_process(capsys, *argv, "--output_dir", out)[0] == 0
+    code, err = cli_in_process(capsys, *argv, "--output_dir", out)
+    assert code == 2 and "holds explanations already. Pass --overwrite" in err
+    (tmp_path / "out" / "explanations.json").write_text("[]")
+    assert cli_in_process(capsys, *argv, "--output_dir", out, "--overwrite")[0] == 0
+    assert len(json.loads((tmp_path / "out" / "explanations.json").read_text())) == 1
+
+
 def test_cli_explain_refuses_a_gallery_of_another_codebook(folder, tmp_path, capsys):
     import shutil
 
@@ -383,3 +403,13 @@ def test_cli_gallery_needs_a_destination(folder, tmp_path, capsys):
     assert exit_info.value.code == 2
     assert "one of the arguments --output_dir --in_place is required" in capsys.readouterr().err
     assert sorted(p.name for p in folder.iterdir()) == before
+
+
+def test_cli_gallery_never_replaces_a_users_folder(folder, tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes")
+    code, err = cli_in_process(capsys, "gallery", "--model", str(folder), "--dataset", str(tmp_path),
+                               "--output_dir", str(mine), "--overwrite")
+    assert code == 2 and "is not a ProtoQuant model folder" in err and "also with --overwrite" in err
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]

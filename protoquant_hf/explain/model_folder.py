@@ -14,7 +14,7 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from ..data import load_image_dataset
 from ..backbones import quiet_transformers
-from ..output_folder import check_writable, is_complete, mark_complete, publish, refusal_reason, work_folder
+from ..output_folder import check_destination, is_complete, mark_complete, publish, work_folder
 from . import explain, load_gallery, write_figures
 from .figures import plot_explanation
 from .gallery import build_gallery
@@ -27,6 +27,10 @@ def _is_model_folder(folder: Path) -> bool:
         return False
 
 
+def _is_explanation_folder(folder: Path) -> bool:
+    return (folder / "explanations.json").is_file()
+
+
 def load_model_folder(folder: str | Path):
     """(model, image processor) of a ProtoQuant folder, with one clear error when it is not one."""
     folder = Path(folder)
@@ -35,18 +39,6 @@ def load_model_folder(folder: str | Path):
     with quiet_transformers():
         model = AutoModelForImageClassification.from_pretrained(folder).eval()
     return model, AutoImageProcessor.from_pretrained(folder)
-
-
-def _check_destination(output_dir: Path, overwrite: bool, replaceable) -> None:
-    reason = refusal_reason(output_dir)
-    if reason:
-        raise ValueError(f"--output_dir {output_dir} {reason}; choose a new folder.")
-    if output_dir.exists() and any(output_dir.iterdir()):
-        if not overwrite:
-            raise ValueError(f"{output_dir} exists and is not empty; choose a new --output_dir (or pass --overwrite).")
-        if not replaceable(output_dir):
-            raise ValueError(f"{output_dir} was not written by protoquant; refusing to replace it (also with --overwrite).")
-    check_writable(output_dir)
 
 
 def explain_to_folder(
@@ -61,8 +53,10 @@ def explain_to_folder(
 ) -> list[Path]:
     """Explain images with a model folder: one figure per image and ``explanations.json`` with the numbers, in a
     new folder (or one written earlier by this function, with `overwrite`)."""
-    output_dir = Path(output_dir)
-    _check_destination(output_dir, overwrite, lambda folder: (folder / "explanations.json").is_file())
+    output_dir = check_destination(
+        output_dir, overwrite=overwrite, replaceable=_is_explanation_folder,
+        kind="a folder written by `protoquant explain`", existing="explanations",
+    )
     model, processor = load_model_folder(model_folder)
     explanations = explain(model, images, processor, top_k=top_k, target=target, box_rule=box_rule)
     work = work_folder(output_dir)
@@ -79,7 +73,7 @@ def explain_to_folder(
         records.append({"image": str(image), "figure": name, **record})
     (work / "explanations.json").write_text(json.dumps(records, indent=2))
     mark_complete(work)
-    publish(work, output_dir, lambda folder: (folder / "explanations.json").is_file())
+    publish(work, output_dir, _is_explanation_folder)
     return [output_dir / record["figure"] for record in records]
 
 
@@ -118,10 +112,12 @@ def add_gallery(
             f"{model_folder} itself): a model folder is never changed without being asked."
         )
     if output_dir is not None:
-        output_dir = Path(output_dir)
-        if output_dir.resolve() == model_folder.resolve():
+        if Path(output_dir).resolve() == model_folder.resolve():
             raise ValueError("--output_dir is the model folder itself; pass --in_place to add the gallery there.")
-        _check_destination(output_dir, overwrite, _is_model_folder)
+        output_dir = check_destination(
+            output_dir, overwrite=overwrite, replaceable=_is_model_folder, kind="a ProtoQuant model folder",
+            existing="a model folder",
+        )
     model, processor = load_model_folder(model_folder)
     data = load_image_dataset(dataset, max_samples_per_split=max_samples, **dataset_kwargs)
     if split not in data:

@@ -18,7 +18,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from ..backbones import quiet_transformers
-from ..output_folder import check_writable, mark_complete, publish, refusal_reason, work_folder
+from ..output_folder import check_destination, mark_complete, publish, work_folder
 from ..training.summary import SUMMARY_FILE, TrainingSummary
 from .card import render_model_card
 
@@ -82,16 +82,10 @@ def export_bundle(
     """Write the Hub bundle of a trained folder into `output_dir` (built hidden, renamed into place when complete;
     an existing `output_dir` is replaced only if it is a bundle and `overwrite`)."""
     model_folder = check_model_folder(model_folder)
-    output_dir = Path(output_dir)
-    reason = refusal_reason(output_dir)
-    if reason:
-        raise ValueError(f"The bundle folder {output_dir} {reason}; choose a new folder.")
-    if output_dir.exists() and any(output_dir.iterdir()):
-        if not is_bundle(output_dir):
-            raise ValueError(f"{output_dir} exists and is not a ProtoQuant bundle; refusing to replace it (also with --overwrite).")
-        if not overwrite:
-            raise ValueError(f"{output_dir} holds a bundle already; pass --overwrite to replace it.")
-    check_writable(output_dir)
+    output_dir = check_destination(
+        output_dir, overwrite=overwrite, replaceable=is_bundle, kind="a ProtoQuant bundle", existing="a bundle",
+        flag="--dry_run",
+    )
     summary = TrainingSummary.load(model_folder)
     with quiet_transformers():
         model = AutoModelForImageClassification.from_pretrained(model_folder)
