@@ -134,7 +134,7 @@ class RunContext:
     segment_started: float = field(default_factory=time.perf_counter)
     phase_started: float = field(default_factory=time.perf_counter)
     stage1_usage: torch.Tensor | None = None  # counted after stage 1, reused by the prune phase
-    final_stats: ConceptStats | None = None  # of the gallery pass, reused by the figures
+    final_stats: ConceptStats | None = None  # of the final model (grounding pass), reused by gallery and figures
 
     @property
     def augmented(self) -> bool:
@@ -299,8 +299,10 @@ def sparsify_head(ctx: RunContext) -> HeadResult | None:
 
 
 def measure_grounding(ctx: RunContext) -> GroundingResult:
-    """Per concept, the highest cosine similarity to any training feature vector (the model's own cosine)."""
-    return GroundingResult(grounding=ctx.concept_stats().grounding_summary())
+    """Per concept, the highest cosine similarity to any training feature vector (the model's own cosine).
+    The same pass keeps each concept's nearest patches for the gallery (the final model does not change)."""
+    ctx.final_stats = ctx.concept_stats(top_n=max(1, ctx.args.gallery_per_concept))
+    return GroundingResult(grounding=ctx.final_stats.grounding_summary())
 
 
 def store_gallery(ctx: RunContext) -> GalleryResult | None:
@@ -311,7 +313,7 @@ def store_gallery(ctx: RunContext) -> GalleryResult | None:
     if ctx.accelerator.is_main_process:
         gallery, ctx.final_stats = build_gallery(
             ctx.model, ctx.dataset["train"], ctx.processor, per_concept=per_concept, features=ctx.train_cache,
-            dataset_name=ctx.data_args.dataset, show_progress=ctx.show_progress,
+            stats=ctx.final_stats, dataset_name=ctx.data_args.dataset, show_progress=ctx.show_progress,
         )
         folder = gallery.save(ctx.work)
         size = sum(path.stat().st_size for path in folder.iterdir())
@@ -326,6 +328,8 @@ def draw_figures(ctx: RunContext) -> FiguresResult | None:
     count = ctx.args.explain_test_images
     if count == 0:
         return None
+    # Collected by every process (a run resumed here has no grounding pass to reuse), drawn by the main one.
+    stats = ctx.final_stats or ctx.concept_stats()
     if not ctx.accelerator.is_main_process:
         return FiguresResult(files=[])
     gallery = None
@@ -337,7 +341,7 @@ def draw_figures(ctx: RunContext) -> FiguresResult | None:
     rows = [labels.index(c) for c in range(ctx.model.config.num_labels) if c in labels][:count]
     images = [test[row]["image"] for row in rows]
     files = write_figures(
-        ctx.model, ctx.work, stats=ctx.final_stats or ctx.concept_stats(), gallery=gallery, images=images,
+        ctx.model, ctx.work, stats=stats, gallery=gallery, images=images,
         image_processor=ctx.processor,
     )
     # The explained images themselves, as examples for the demo app.
@@ -485,10 +489,9 @@ def _checkpoint_head_matches(model, source: str, class_names: list[str]) -> bool
     return [checkpoint_labels.get(i) for i in range(len(checkpoint_labels))] == class_names
 
 
-def check_backbone(name: str, image_size: int) -> tuple[str, object]:
+def check_backbone(name: str, image_size: int) -> str:
     """Check the backbone before any data is read: a loadable transformers config of a supported family, an
-    image processor, and an image size its downsampling (or patch size) allows. Returns its folder or Hub id and
-    its image processor."""
+    image processor, and an image size its downsampling (or patch size) allows. Returns its folder or Hub id."""
     source = resolve_backbone(name)
     try:
         backbone_config = AutoConfig.from_pretrained(source)
@@ -500,7 +503,7 @@ def check_backbone(name: str, image_size: int) -> tuple[str, object]:
     backbone_config = getattr(backbone_config, "vision_config", None) or backbone_config
     backbone_kind(backbone_config.model_type)  # unsupported families: one error listing the supported ones
     try:
-        image_processor = AutoImageProcessor.from_pretrained(source)
+        AutoImageProcessor.from_pretrained(source)
     except (OSError, ValueError) as error:
         raise ValueError(
             f"The backbone {name!r} has no usable image processor (preprocessor_config.json), which training and "
@@ -516,7 +519,7 @@ def check_backbone(name: str, image_size: int) -> tuple[str, object]:
     patch = getattr(backbone_config, "patch_size", None) if probe.backbone_kind == "tokens" else None
     if patch and image_size % patch:
         raise ValueError(f"--image_size must be a multiple of the backbone's patch size {patch}, got {image_size}.")
-    return source, image_processor
+    return source
 
 
 def _set_log_level(level: str) -> None:
@@ -555,10 +558,10 @@ def train_protoquant(
     set_seed(training_args.seed)
     segment_started = time.perf_counter()
 
-    source, backbone_processor = check_backbone(model_args.backbone, data_args.image_size)
+    source = check_backbone(model_args.backbone, data_args.image_size)
     dataset = load_dataset_for(data_args)
     class_names = _class_names(dataset)
-    processor = ProtoQuantImageProcessor.wrap(with_image_size(backbone_processor, data_args.image_size))
+    processor = ProtoQuantImageProcessor.wrap(with_image_size(AutoImageProcessor.from_pretrained(source), data_args.image_size))
     transform = make_image_transform(processor)
 
     if training_args.resume:

@@ -184,6 +184,21 @@ def test_gallery_patches_are_the_nearest_patches_cut_where_they_are(train_split)
     assert gallery.info["box_rule"] == "pipnet" and gallery.info["per_concept"] == 3
 
 
+def test_gallery_uses_the_stats_it_is_given(train_split):
+    """The main job hands the gallery the stats of its grounding pass instead of collecting them again."""
+    model, processor = tiny_model(), processor_for(32)
+    transform = make_image_transform(processor)
+    with torch.no_grad():
+        maps = model.forward_features(transform(train_split[:5])["pixel_values"])
+    first_five = ConceptStats.collect(model, [(maps, torch.tensor(train_split["label"][:5]))], top_n=3)
+    gallery, stats = build_gallery(model, train_split, processor, per_concept=3, stats=first_five, show_progress=False)
+    assert stats is first_five and np.array_equal(gallery.rows, first_five.top_rows.numpy())
+    collected, _ = build_gallery(model, train_split, processor, per_concept=3, show_progress=False)
+    assert collected.rows.max() >= 5  # a pass of its own would reach the other five images
+    with pytest.raises(ValueError, match="keep 3 patches for 6 concepts; the gallery needs 2.*top_n=2"):
+        build_gallery(model, train_split, processor, per_concept=2, stats=first_five, show_progress=False)
+
+
 def smooth_split():
     """Images with smooth content (gradients and a disc), where JPEG thumbnails are faithful (noise is not)."""
     import datasets

@@ -15,7 +15,8 @@ from tiny_backbones import tiny_backbone_config
 from transformers import AutoModel, AutoModelForImageClassification, BitImageProcessor, pipeline
 
 from protoquant_hf import ProtoQuantForImageClassification, ProtoQuantImageProcessor, load_image_dataset
-from protoquant_hf.concepts import ConceptStats, extract_features, prune_by_usage
+from protoquant_hf.concepts import ConceptStats, FeatureCache, extract_features, prune_by_usage
+from protoquant_hf.explain import ConceptGallery
 from protoquant_hf.data import make_image_transform, with_image_size
 from protoquant_hf.modeling_protoquant import ProtoQuantModel
 from protoquant_hf.training import (
@@ -346,6 +347,13 @@ def test_two_processes_match_one_process(image_folder, backbone_folder, tmp_path
     # Same updates (and learning-rate schedule) up to float summation order.
     torch.testing.assert_close(model_two.codebook.concepts, model_one.codebook.concepts, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(model_two.classifier.weight, model_one.classifier.weight, rtol=1e-3, atol=1e-3)
+    # The gallery of two processes comes from their combined grounding pass: the patches one pass finds.
+    entries = [FeatureCache.open(meta.parent) for meta in (tmp_path / "cache").rglob("meta.json")]
+    train_cache = next(entry for entry in entries if entry.meta["split"] == "train")
+    gallery = ConceptGallery.load(tmp_path / "two")
+    one_pass = ConceptStats.collect(model_two.eval(), train_cache, top_n=gallery.info["per_concept"])
+    assert np.array_equal(gallery.rows, one_pass.top_rows.numpy()) and np.array_equal(gallery.cells, one_pass.top_cells.numpy())
+    assert (gallery.rows >= 24).any()  # patches from the second process's half of the 48 images too
 
 
 def test_augmented_training_runs_the_backbone_on_fresh_pixels(image_folder, backbone_folder, tmp_path, monkeypatch):

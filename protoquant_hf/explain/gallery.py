@@ -36,6 +36,7 @@ def build_gallery(
     per_concept: int = 5,
     thumb_size: int = 32,
     features: FeatureCache | None = None,
+    stats: ConceptStats | None = None,
     box_rule: str | None = None,
     batch_size: int = 64,
     dataset_name: str | None = None,
@@ -50,6 +51,8 @@ def build_gallery(
         per_concept: patches kept per concept.
         thumb_size: side of the stored thumbnails in pixels.
         features: the split's feature cache, if there is one (saves running the backbone again).
+        stats: the `ConceptStats` of this model over this split with ``top_n=per_concept``, if the caller has
+            collected them already (the pass over the split is then skipped).
         box_rule: "patch" or "pipnet" (cell-based rules); the backbone's default when None.
         batch_size: images per backbone forward when no cache is given.
         dataset_name: recorded in the gallery's index.
@@ -64,8 +67,15 @@ def build_gallery(
         raise ValueError(f"The gallery cuts patches at feature cells: box_rule must be 'patch' or 'pipnet', got {box_rule!r}.")
     model.eval()
     transform = make_image_transform(image_processor)
-    source = features if features is not None else _feature_batches(model, dataset, transform, batch_size)
-    stats = ConceptStats.collect(model, source, top_n=per_concept, show_progress=show_progress)
+    if stats is None:
+        source = features if features is not None else _feature_batches(model, dataset, transform, batch_size)
+        stats = ConceptStats.collect(model, source, top_n=per_concept, show_progress=show_progress)
+    elif stats.top_rows.shape != (model.config.num_concepts, per_concept):
+        raise ValueError(
+            f"The given stats keep {stats.top_rows.shape[1]} patches for {stats.top_rows.shape[0]} concepts; the "
+            f"gallery needs {per_concept} for each of the model's {model.config.num_concepts} (collect them with "
+            f"top_n={per_concept})."
+        )
 
     rows, cells = stats.top_rows.numpy(), stats.top_cells.numpy()
     wanted = defaultdict(list)  # dataset row -> [(concept, slot)]
