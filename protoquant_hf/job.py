@@ -489,9 +489,10 @@ def _checkpoint_head_matches(model, source: str, class_names: list[str]) -> bool
     return [checkpoint_labels.get(i) for i in range(len(checkpoint_labels))] == class_names
 
 
-def check_backbone(name: str, image_size: int) -> str:
+def check_backbone(name: str, image_size: int) -> tuple[str, object]:
     """Check the backbone before any data is read: a loadable transformers config of a supported family, an
-    image processor, and an image size its downsampling (or patch size) allows. Returns its folder or Hub id."""
+    image processor, and an image size its downsampling (or patch size) allows. Returns its folder or Hub id and
+    its image processor."""
     source = resolve_backbone(name)
     try:
         backbone_config = AutoConfig.from_pretrained(source)
@@ -503,7 +504,7 @@ def check_backbone(name: str, image_size: int) -> str:
     backbone_config = getattr(backbone_config, "vision_config", None) or backbone_config
     backbone_kind(backbone_config.model_type)  # unsupported families: one error listing the supported ones
     try:
-        AutoImageProcessor.from_pretrained(source)
+        image_processor = AutoImageProcessor.from_pretrained(source)
     except (OSError, ValueError) as error:
         raise ValueError(
             f"The backbone {name!r} has no usable image processor (preprocessor_config.json), which training and "
@@ -519,7 +520,7 @@ def check_backbone(name: str, image_size: int) -> str:
     patch = getattr(backbone_config, "patch_size", None) if probe.backbone_kind == "tokens" else None
     if patch and image_size % patch:
         raise ValueError(f"--image_size must be a multiple of the backbone's patch size {patch}, got {image_size}.")
-    return source
+    return source, image_processor
 
 
 def _set_log_level(level: str) -> None:
@@ -558,10 +559,10 @@ def train_protoquant(
     set_seed(training_args.seed)
     segment_started = time.perf_counter()
 
-    source = check_backbone(model_args.backbone, data_args.image_size)
+    source, backbone_processor = check_backbone(model_args.backbone, data_args.image_size)
     dataset = load_dataset_for(data_args)
     class_names = _class_names(dataset)
-    processor = ProtoQuantImageProcessor.wrap(with_image_size(AutoImageProcessor.from_pretrained(source), data_args.image_size))
+    processor = ProtoQuantImageProcessor.wrap(with_image_size(backbone_processor, data_args.image_size))
     transform = make_image_transform(processor)
 
     if training_args.resume:
