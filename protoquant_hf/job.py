@@ -18,6 +18,7 @@ one function and one entry in `PHASES`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -52,7 +53,7 @@ from .image_processing_protoquant import ProtoQuantImageProcessor
 from .configuration_protoquant import ProtoQuantConfig, backbone_kind
 from .backbones import quiet_transformers, resolve_backbone
 from .modeling_protoquant import ProtoQuantForImageClassification, ProtoQuantModel
-from .output_folder import check_destination, crash_point, is_complete, mark_complete, publish, work_folder
+from .output_folder import check_destination, crash_point, is_complete, mark_complete, publish, work_folder, write_lock
 from .training.arguments import DataArguments, ModelArguments, ProtoQuantTrainingArguments
 from .training.concept_init import initialize_concepts
 from .training.loop import AugmentedImages, Objective, accuracy, broadcast_tensor, fit
@@ -544,12 +545,24 @@ def train_protoquant(
         on_epoch_end: optional hook called with (stage, epoch index) after each epoch's checkpoint,
             e.g. to stop a run early in tests.
     """
+    _set_log_level(training_args.log_level)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=training_args.mixed_precision)
+    # One run at a time writes an output folder; the processes of one run count as one (the main one holds it).
+    with write_lock(training_args.output_dir) if accelerator.is_main_process else contextlib.nullcontext():
+        return _run_job(accelerator, data_args, model_args, training_args, on_epoch_end)
+
+
+def _run_job(
+    accelerator: Accelerator,
+    data_args: DataArguments,
+    model_args: ModelArguments,
+    training_args: ProtoQuantTrainingArguments,
+    on_epoch_end: Callable[[str, int], None] | None,
+) -> TrainingSummary:
     plan = check_output_dir(training_args, data_args.cache_dir)
     output_dir, work = plan.output_dir, plan.work
     if training_args.push_to_hub:  # a bad repo id or a missing login is found now, not after training
         check_repo_and_token(training_args.hub_model_id)
-    _set_log_level(training_args.log_level)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=training_args.mixed_precision)
     if plan.finish_only:  # trained and marked complete, stopped while publishing: just publish
         summary = TrainingSummary.load(work)
         if accelerator.is_main_process:

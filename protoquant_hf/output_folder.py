@@ -1,8 +1,11 @@
 """Output folders that never lose a user's files: safety checks, a crash-consistent finish, a safe replace.
 
-Whatever protoquant_hf writes for a user (a trained model, later an exported bundle) is built in a hidden sibling
-work folder and published by renaming it into place:
+Whatever protoquant_hf writes for a user (a trained model, an exported bundle, explanations, a copy with a gallery)
+is built in a hidden sibling work folder and published by renaming it into place:
 
+0. `write_lock` is held from the check to the publish, so one process at a time writes a destination: a second
+   one started at once gets a clear error instead of sharing the work folder (or replacing the first one's result
+   without --overwrite).
 1. `check_destination` runs before any expensive work: `refusal_reason` refuses destinations that could only be
    replaced by deleting something that is not ours (the current folder or any folder containing it, the home
    folder, a filesystem root, a folder containing the cache); an occupied destination must be one of ours and
@@ -16,12 +19,16 @@ work folder and published by renaming it into place:
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import shutil
 import signal
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+
+from filelock import FileLock, Timeout
 
 from .cache import cache_root
 
@@ -57,6 +64,31 @@ def refusal_reason(destination: str | os.PathLike, protected: Iterable[str | os.
         if resolved == folder or resolved in folder.parents:
             return f"contains the cache folder {folder}"
     return None
+
+
+@contextlib.contextmanager
+def write_lock(destination: str | os.PathLike) -> Iterator[None]:
+    """Hold the lock for writing `destination` (or fail at once with a clear error if another process holds it).
+
+    The lock file lives in the protoquant cache (``locks/``), named by the destination's resolved path, so nothing
+    is added next to the user's folders and every spelling of one folder shares one lock. The operating system
+    releases it when its process ends, also when killed.
+    """
+    path = Path(destination).expanduser().resolve()
+    locks = cache_root() / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(locks / f"{hashlib.sha256(str(path).encode()).hexdigest()[:32]}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise ValueError(
+            f"Another protoquant process is writing {destination} right now; wait for it to finish, or choose "
+            "another folder."
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def check_destination(
@@ -171,4 +203,5 @@ __all__ = [
     "publish",
     "refusal_reason",
     "work_folder",
+    "write_lock",
 ]

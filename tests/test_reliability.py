@@ -44,14 +44,19 @@ def backbone_folder(tmp_path_factory) -> Path:
     return folder
 
 
-def cli(image_folder, backbone_folder, cache, *extra, env=None, cwd=None) -> subprocess.CompletedProcess:
-    command = [
+def train_command(image_folder, backbone_folder, cache, *extra) -> list[str]:
+    """`protoquant train` with the settings of `api_args`."""
+    return [
         sys.executable, "-m", "protoquant_hf", "train", "--dataset", str(image_folder), "--backbone", str(backbone_folder),
         "--image_size", str(SIZE), "--num_concepts", "4", "--feature_dtype", "float32", "--stage1_epochs", "1",
         "--stage2_epochs", "2", "--top_k_per_class", "0", "--kmeans_iterations", "3", "--batch_size", "8",
         "--cache_dir", str(cache), "--disable_tqdm", "--explain_test_images", "0", "--hub_bundle", "False", *extra,
     ]
+
+
+def cli(image_folder, backbone_folder, cache, *extra, env=None, cwd=None) -> subprocess.CompletedProcess:
     environment = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    command = train_command(image_folder, backbone_folder, cache, *extra)
     return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=600, cwd=cwd)
 
 
@@ -184,13 +189,7 @@ def test_two_runs_on_one_new_cache_give_the_same_correct_model(image_folder, bac
     environment = dict(os.environ, OMP_NUM_THREADS="1")
     runs = []
     for name in ("a", "b"):
-        command = [
-            sys.executable, "-m", "protoquant_hf", "train", "--dataset", str(image_folder), "--backbone",
-            str(backbone_folder), "--image_size", str(SIZE), "--num_concepts", "4", "--feature_dtype", "float32",
-            "--stage1_epochs", "1", "--stage2_epochs", "2", "--top_k_per_class", "0", "--kmeans_iterations", "3",
-            "--batch_size", "8", "--cache_dir", str(cache), "--disable_tqdm", "--explain_test_images", "0", "--hub_bundle", "False",
-            "--output_dir", str(tmp_path / name),
-        ]
+        command = train_command(image_folder, backbone_folder, cache, "--output_dir", str(tmp_path / name))
         runs.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment))
     for run in runs:
         _, err = run.communicate(timeout=600)
@@ -199,3 +198,46 @@ def test_two_runs_on_one_new_cache_give_the_same_correct_model(image_folder, bac
     torch.testing.assert_close(weights(tmp_path / "b"), weights(reference))
     summaries = [TrainingSummary.load(tmp_path / name) for name in ("a", "b")]
     assert summaries[0].accuracy == summaries[1].accuracy == TrainingSummary.load(reference).accuracy
+
+
+# ---- two processes writing one output folder ------------------------------------------------------------
+
+
+def test_a_folder_being_written_is_refused_to_every_other_writer(image_folder, backbone_folder, tmp_path, reference, monkeypatch):
+    """While a process writes a folder (it holds the folder's lock), a training run, explanations, a gallery and a
+    bundle into it are refused before anything is written; every spelling of the folder is the same folder."""
+    from protoquant_hf.explain.model_folder import add_gallery, explain_to_folder
+    from protoquant_hf.hub import export_bundle
+    from protoquant_hf.output_folder import write_lock
+
+    monkeypatch.chdir(tmp_path)
+    busy = "Another protoquant process is writing .*out right now"
+    with write_lock(tmp_path / "out"):
+        with pytest.raises(ValueError, match=busy):
+            train_protoquant(*api_args(image_folder, backbone_folder, "./out", tmp_path / "cache"))
+        with pytest.raises(ValueError, match=busy):
+            explain_to_folder(["image.png"], reference, "out")
+        with pytest.raises(ValueError, match=busy):
+            add_gallery(reference, str(image_folder), output_dir="sub/../out")
+        with pytest.raises(ValueError, match=busy):
+            export_bundle(reference, tmp_path / "out")
+    with write_lock(reference):  # e.g. a training run finishing there
+        with pytest.raises(ValueError, match="Another protoquant process is writing"):
+            add_gallery(reference, str(image_folder), in_place=True)
+    assert list(tmp_path.iterdir()) == []  # no output, no work folder, no feature cache
+    train_protoquant(*api_args(image_folder, backbone_folder, "out", tmp_path / "cache"))  # free once released
+    torch.testing.assert_close(weights(tmp_path / "out"), weights(reference))
+
+
+def test_two_runs_into_one_new_folder_give_one_run_and_one_clear_error(image_folder, backbone_folder, tmp_path, reference):
+    environment = dict(os.environ, OMP_NUM_THREADS="1")
+    command = train_command(image_folder, backbone_folder, tmp_path / "cache", "--output_dir", str(tmp_path / "out"))
+    runs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment) for _ in range(2)]
+    errors = [run.communicate(timeout=600)[1] for run in runs]
+    codes = sorted(run.returncode for run in runs)
+    assert codes == [0, 2], errors
+    refused = errors[[run.returncode for run in runs].index(2)]
+    # Refused while the other one runs, or (if it started after the other finished) for the finished run.
+    assert "Another protoquant process is writing" in refused or "holds a previous training run" in refused, refused
+    torch.testing.assert_close(weights(tmp_path / "out"), weights(reference))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "out"]  # nothing incomplete left

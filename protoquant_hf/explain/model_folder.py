@@ -14,7 +14,7 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from ..data import load_image_dataset
 from ..backbones import quiet_transformers
-from ..output_folder import check_destination, is_complete, mark_complete, publish, work_folder
+from ..output_folder import check_destination, is_complete, mark_complete, publish, work_folder, write_lock
 from . import explain, load_gallery, write_figures
 from .figures import plot_explanation
 from .gallery import build_gallery
@@ -53,28 +53,29 @@ def explain_to_folder(
 ) -> list[Path]:
     """Explain images with a model folder: one figure per image and ``explanations.json`` with the numbers, in a
     new folder (or one written earlier by this function, with `overwrite`)."""
-    output_dir = check_destination(
-        output_dir, overwrite=overwrite, replaceable=_is_explanation_folder,
-        kind="a folder written by `protoquant explain`", existing="explanations",
-    )
-    model, processor = load_model_folder(model_folder)
-    explanations = explain(model, images, processor, top_k=top_k, target=target, box_rule=box_rule)
-    work = work_folder(output_dir)
-    shutil.rmtree(work, ignore_errors=True)  # our own leftover of an interrupted call
-    work.mkdir(parents=True)
-    records = []
-    for number, (image, explanation) in enumerate(zip(images, explanations), start=1):
-        name = f"{number:03d}_{Path(str(image)).stem[:40]}.png"
-        plot_explanation(explanation, work / name)
-        record = explanation.to_dict()
-        for concept in record["concepts"]:
-            concept["activation_map"] = concept["activation_map"].tolist()
-            concept.pop("upsampled_map")
-        records.append({"image": str(image), "figure": name, **record})
-    (work / "explanations.json").write_text(json.dumps(records, indent=2))
-    mark_complete(work)
-    publish(work, output_dir, _is_explanation_folder)
-    return [output_dir / record["figure"] for record in records]
+    with write_lock(output_dir):  # one process at a time writes a folder
+        output_dir = check_destination(
+            output_dir, overwrite=overwrite, replaceable=_is_explanation_folder,
+            kind="a folder written by `protoquant explain`", existing="explanations",
+        )
+        model, processor = load_model_folder(model_folder)
+        explanations = explain(model, images, processor, top_k=top_k, target=target, box_rule=box_rule)
+        work = work_folder(output_dir)
+        shutil.rmtree(work, ignore_errors=True)  # our own leftover of an interrupted call
+        work.mkdir(parents=True)
+        records = []
+        for number, (image, explanation) in enumerate(zip(images, explanations), start=1):
+            name = f"{number:03d}_{Path(str(image)).stem[:40]}.png"
+            plot_explanation(explanation, work / name)
+            record = explanation.to_dict()
+            for concept in record["concepts"]:
+                concept["activation_map"] = concept["activation_map"].tolist()
+                concept.pop("upsampled_map")
+            records.append({"image": str(image), "figure": name, **record})
+        (work / "explanations.json").write_text(json.dumps(records, indent=2))
+        mark_complete(work)
+        publish(work, output_dir, _is_explanation_folder)
+        return [output_dir / record["figure"] for record in records]
 
 
 def add_gallery(
@@ -111,43 +112,44 @@ def add_gallery(
             "Pass --output_dir NEW_FOLDER (a copy of the model with its gallery) or --in_place (add the gallery to "
             f"{model_folder} itself): a model folder is never changed without being asked."
         )
-    if output_dir is not None:
-        if Path(output_dir).resolve() == model_folder.resolve():
-            raise ValueError("--output_dir is the model folder itself; pass --in_place to add the gallery there.")
-        output_dir = check_destination(
-            output_dir, overwrite=overwrite, replaceable=_is_model_folder, kind="a ProtoQuant model folder",
-            existing="a model folder",
+    with write_lock(model_folder if in_place else output_dir):  # one process at a time writes a folder
+        if output_dir is not None:
+            if Path(output_dir).resolve() == model_folder.resolve():
+                raise ValueError("--output_dir is the model folder itself; pass --in_place to add the gallery there.")
+            output_dir = check_destination(
+                output_dir, overwrite=overwrite, replaceable=_is_model_folder, kind="a ProtoQuant model folder",
+                existing="a model folder",
+            )
+        model, processor = load_model_folder(model_folder)
+        data = load_image_dataset(dataset, max_samples_per_split=max_samples, **dataset_kwargs)
+        if split not in data:
+            raise ValueError(f"The dataset has no {split!r} split; its splits are {sorted(data)}.")
+        names = data[split].features["label"].names
+        expected = [model.config.id2label[i] for i in range(model.config.num_labels)]
+        if names != expected:
+            raise ValueError(
+                f"The dataset's classes {names} are not the model's {expected}: the gallery must come from the data the "
+                "model was trained on."
+            )
+        model.use_fast_backbone()
+        gallery, stats = build_gallery(
+            model, data[split], processor, per_concept=per_concept, thumb_size=thumb_size, dataset_name=str(dataset),
+            show_progress=show_progress,
         )
-    model, processor = load_model_folder(model_folder)
-    data = load_image_dataset(dataset, max_samples_per_split=max_samples, **dataset_kwargs)
-    if split not in data:
-        raise ValueError(f"The dataset has no {split!r} split; its splits are {sorted(data)}.")
-    names = data[split].features["label"].names
-    expected = [model.config.id2label[i] for i in range(model.config.num_labels)]
-    if names != expected:
-        raise ValueError(
-            f"The dataset's classes {names} are not the model's {expected}: the gallery must come from the data the "
-            "model was trained on."
-        )
-    model.use_fast_backbone()
-    gallery, stats = build_gallery(
-        model, data[split], processor, per_concept=per_concept, thumb_size=thumb_size, dataset_name=str(dataset),
-        show_progress=show_progress,
-    )
-    if in_place:
-        shutil.rmtree(model_folder / "gallery", ignore_errors=True)
-        gallery.save(model_folder)
-        write_figures(model, model_folder, stats=stats, gallery=gallery)
-        return model_folder
-    work = work_folder(output_dir)
-    if not is_complete(work):
-        shutil.rmtree(work, ignore_errors=True)
-        shutil.copytree(model_folder, work, ignore=shutil.ignore_patterns("gallery", "figures"))
-        gallery.save(work)
-        write_figures(model, work, stats=stats, gallery=gallery)
-        mark_complete(work)
-    publish(work, output_dir, _is_model_folder)
-    return output_dir
+        if in_place:
+            shutil.rmtree(model_folder / "gallery", ignore_errors=True)
+            gallery.save(model_folder)
+            write_figures(model, model_folder, stats=stats, gallery=gallery)
+            return model_folder
+        work = work_folder(output_dir)
+        if not is_complete(work):
+            shutil.rmtree(work, ignore_errors=True)
+            shutil.copytree(model_folder, work, ignore=shutil.ignore_patterns("gallery", "figures"))
+            gallery.save(work)
+            write_figures(model, work, stats=stats, gallery=gallery)
+            mark_complete(work)
+        publish(work, output_dir, _is_model_folder)
+        return output_dir
 
 
 __all__ = ["add_gallery", "explain_to_folder", "load_gallery", "load_model_folder"]

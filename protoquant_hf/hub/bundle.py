@@ -18,7 +18,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from ..backbones import quiet_transformers
-from ..output_folder import check_destination, mark_complete, publish, work_folder
+from ..output_folder import check_destination, mark_complete, publish, work_folder, write_lock
 from ..training.summary import SUMMARY_FILE, TrainingSummary
 from .card import render_model_card
 
@@ -82,40 +82,41 @@ def export_bundle(
     """Write the Hub bundle of a trained folder into `output_dir` (built hidden, renamed into place when complete;
     an existing `output_dir` is replaced only if it is a bundle and `overwrite`)."""
     model_folder = check_model_folder(model_folder)
-    output_dir = check_destination(
-        output_dir, overwrite=overwrite, replaceable=is_bundle, kind="a ProtoQuant bundle", existing="a bundle",
-        flag="--dry_run",
-    )
-    summary = TrainingSummary.load(model_folder)
-    with quiet_transformers():
-        model = AutoModelForImageClassification.from_pretrained(model_folder)
-    processor = AutoImageProcessor.from_pretrained(model_folder)
-    work = work_folder(output_dir)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    if not include_stage1_head and model.original_head is not None:
-        # Training-only: classifying and explaining never use it (continue stage 1 with include_stage1_head).
-        model.original_head = None
-        model.config.stage1_head_num_labels = 0
-        model.config.stage1_head_norm = False
-    with quiet_transformers():
-        model.save_pretrained(work)
-    processor.save_pretrained(work)
-    for name in COPIED:
-        source = model_folder / name
-        if source.is_dir():
-            shutil.copytree(source, work / name)
-        elif source.is_file():
-            shutil.copy2(source, work / name)
-    (work / "app.py").write_text(SPACE_APP)
-    (work / "requirements.txt").write_text(SPACE_REQUIREMENTS)
-    render_model_card(model, work, repo_id=repo_id, summary=summary, license=license, template_path=template_path).save(work / "README.md")
-    missing = [name for name in REMOTE_CODE_FILES if not (work / name).is_file()]
-    if missing:
-        raise RuntimeError(f"The bundle lacks remote-code files {missing}; transformers did not copy them.")
-    mark_complete(work)
-    publish(work, output_dir, is_bundle)
-    return output_dir
+    with write_lock(output_dir):  # one process at a time writes a folder
+        output_dir = check_destination(
+            output_dir, overwrite=overwrite, replaceable=is_bundle, kind="a ProtoQuant bundle", existing="a bundle",
+            flag="--dry_run",
+        )
+        summary = TrainingSummary.load(model_folder)
+        with quiet_transformers():
+            model = AutoModelForImageClassification.from_pretrained(model_folder)
+        processor = AutoImageProcessor.from_pretrained(model_folder)
+        work = work_folder(output_dir)
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        if not include_stage1_head and model.original_head is not None:
+            # Training-only: classifying and explaining never use it (continue stage 1 with include_stage1_head).
+            model.original_head = None
+            model.config.stage1_head_num_labels = 0
+            model.config.stage1_head_norm = False
+        with quiet_transformers():
+            model.save_pretrained(work)
+        processor.save_pretrained(work)
+        for name in COPIED:
+            source = model_folder / name
+            if source.is_dir():
+                shutil.copytree(source, work / name)
+            elif source.is_file():
+                shutil.copy2(source, work / name)
+        (work / "app.py").write_text(SPACE_APP)
+        (work / "requirements.txt").write_text(SPACE_REQUIREMENTS)
+        render_model_card(model, work, repo_id=repo_id, summary=summary, license=license, template_path=template_path).save(work / "README.md")
+        missing = [name for name in REMOTE_CODE_FILES if not (work / name).is_file()]
+        if missing:
+            raise RuntimeError(f"The bundle lacks remote-code files {missing}; transformers did not copy them.")
+        mark_complete(work)
+        publish(work, output_dir, is_bundle)
+        return output_dir
 
 
 def check_repo_and_token(repo_id: str, token: str | None = None) -> str:
