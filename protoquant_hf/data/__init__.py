@@ -1,18 +1,24 @@
 """Datasets and preprocessing: any image-classification source in, ``pixel_values`` / ``labels`` batches out.
 
 ``datasets.py`` loads bundled offline datasets, local folders and Hub datasets as one uniform ``DatasetDict``;
-``preprocessing.py`` turns its images into model inputs with the backbone's own image processor.
+``synthetic_parts.py`` generates its part-annotated synthetic dataset; ``preprocessing.py`` turns images into model
+inputs with the backbone's own image processor.
 """
 
-from .datasets import BUNDLED_DATASETS, MIN_IMAGE_SIZE, load_image_dataset
+from .datasets import BUNDLED_DATASETS, MIN_IMAGE_SIZE, check_classes, load_image_dataset
 from .preprocessing import collate_fn, make_image_transform, random_augment, to_8bit, to_rgb, with_image_size
+from .synthetic_parts import SyntheticPartsConfig, generate_synthetic_parts, part_names
 
 __all__ = [
     "BUNDLED_DATASETS",
     "MIN_IMAGE_SIZE",
+    "SyntheticPartsConfig",
+    "check_classes",
     "collate_fn",
+    "generate_synthetic_parts",
     "load_image_dataset",
     "make_image_transform",
+    "part_names",
     "random_augment",
     "to_8bit",
     "to_rgb",

@@ -18,10 +18,13 @@ tested and benchmarked without the Hub):
 * ``fashion-mnist``: Debian ``dataset-fashion-mnist``, gzip IDX files; the official 60 000 / 10 000 split.
 * ``digits``: scikit-learn ``load_digits()``, 1 797 8x8 digits (0-16 scaled to 0-255). No official split; ours is a
   fixed stratified 70/30 split with seed 0 (1 258 / 539).
+* ``synthetic-parts``: generated, not read (:mod:`.synthetic_parts`): RGB images whose class is a combination of
+  part types (``"red-circle+blue-square"``), with every part's keypoint and box in an extra ``parts`` column.
+  Sizes, classes and seed come from its ``synthetic_parts=`` config (default 6 classes, 64x64 px, 1 200 / 300).
 
 Bundled splits never depend on the ``test_size`` / ``seed`` arguments, so results are comparable across runs and
-machines. The built dataset is saved once (Arrow, written atomically) under ``cache_root() / "datasets"``; later
-loads memory-map it in milliseconds.
+machines. The built dataset is saved once (Arrow, written atomically) under ``cache_root() / "datasets"``, one
+folder per synthetic-parts config; later loads memory-map it in milliseconds.
 
 **Local folders and Hub datasets**: any other name goes to ``datasets.load_dataset`` (a folder of class
 subfolders is read as ``imagefolder``, optionally under ``train/`` / ``test/``). Then:
@@ -41,11 +44,12 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import io
+import json
 import logging
 import math
 import os
 import pickletools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -57,6 +61,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
 
 from ..cache import atomic_folder, cache_root
 from ..image_processing_protoquant import HIGH_BIT_DEPTH_MODES, MIN_IMAGE_SIZE, to_8bit
+from .synthetic_parts import SYNTHETIC_PARTS_VERSION, SyntheticPartsConfig, generate_synthetic_parts
 
 logger = logging.getLogger(__name__)
 
@@ -236,8 +241,13 @@ _BUNDLED: dict[str, _BundledDataset] = {
     ),
 }
 
+_SYNTHETIC_PARTS = "synthetic-parts"
+
 #: Names accepted by :func:`load_image_dataset` for the bundled offline datasets, with a short description.
-BUNDLED_DATASETS: dict[str, str] = {name: spec.description for name, spec in _BUNDLED.items()}
+BUNDLED_DATASETS: dict[str, str] = {name: spec.description for name, spec in _BUNDLED.items()} | {
+    _SYNTHETIC_PARTS: "Synthetic parts: generated RGB images whose class is a combination of coloured shapes, with "
+    "part keypoints and boxes; by default 6 classes, 64x64, 1 200 / 300 (configure with synthetic_parts=)",
+}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -306,6 +316,27 @@ def _bundled_dataset(name: str, cache_dir: str | os.PathLike | None) -> DatasetD
             splits = _hold_out_test(splits["all"], spec.test_size, _BUNDLED_SPLIT_SEED)
         with atomic_folder(folder) as tmp:
             splits.save_to_disk(tmp)
+    return datasets.load_from_disk(str(folder))
+
+
+def _synthetic_parts_dataset(
+    config: SyntheticPartsConfig | Mapping[str, Any] | None, cache_dir: str | os.PathLike | None
+) -> DatasetDict:
+    """Generate the synthetic-parts dataset of ``config`` once, save it as Arrow in the cache, and memory-map it."""
+    if config is None or isinstance(config, Mapping):
+        config = SyntheticPartsConfig.from_dict(config or {})
+    elif not isinstance(config, SyntheticPartsConfig):
+        raise ValueError(
+            f"synthetic_parts must be a SyntheticPartsConfig or a dict of its fields, got {type(config).__name__}."
+        )
+    folder = (
+        Path(cache_dir or cache_root() / "datasets") / f"{_SYNTHETIC_PARTS}-{config.key()}-v{SYNTHETIC_PARTS_VERSION}"
+    )
+    if not folder.is_dir():
+        with atomic_folder(folder) as tmp:
+            generate_synthetic_parts(config).save_to_disk(tmp)
+            # The folder name is a hash: this says which config it holds.
+            (tmp / "synthetic_parts_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     return datasets.load_from_disk(str(folder))
 
 
@@ -510,6 +541,7 @@ def load_image_dataset(
     seed: int = 0,
     bad_images: Literal["error", "skip"] = "error",
     max_samples_per_split: int | None = None,
+    synthetic_parts: SyntheticPartsConfig | Mapping[str, Any] | None = None,
     cache_dir: str | os.PathLike | None = None,
     **load_dataset_kwargs: Any,
 ) -> DatasetDict:
@@ -523,6 +555,9 @@ def load_image_dataset(
     ['bear', 'bird', 'cat']
     >>> load_image_dataset("path/to/folder")  # class subfolders, optionally under train/ and test/
     >>> load_image_dataset("user/dataset", label_column="fine_label", revision="main")
+    >>> parts = load_image_dataset("synthetic-parts", synthetic_parts={"num_classes": 4, "image_size": 96})
+    >>> parts["train"][0]["parts"][0]  # part type id, centre (x, y) and box in pixels
+    {'part': 1, 'keypoint': [27.07..., 35.45...], 'box': [12, 21, 42, 50]}
     ```
 
     Args:
@@ -536,23 +571,37 @@ def load_image_dataset(
         bad_images: For local files: ``"error"`` raises on corrupt, truncated or too small images (naming the
             files); ``"skip"`` drops them and logs a warning with their count and first names.
         max_samples_per_split: Keep at most this many examples per split (stratified by label), for quick runs.
+        synthetic_parts: Only with ``"synthetic-parts"``: its :class:`~.synthetic_parts.SyntheticPartsConfig`, or a
+            dict of its fields (missing ones take their defaults; ``None``: all defaults). Each config is generated
+            once and cached under its own key; its ``seed`` and sizes, not ``seed`` / ``test_size`` here, decide the
+            images and splits. The result has a third column, ``parts``: per image a list of
+            ``{"part": int, "keypoint": [x, y], "box": [left, top, right, bottom]}`` in pixels (see
+            :mod:`.synthetic_parts`; names from :func:`~.synthetic_parts.part_names`).
         cache_dir: Cache folder passed to ``datasets.load_dataset``; for bundled datasets, where their Arrow copy
             lives (default ``cache_root() / "datasets"``).
         **load_dataset_kwargs: Passed to ``datasets.load_dataset`` (``revision``, ``data_files``, ``name``, …).
 
     Returns:
         A ``DatasetDict`` with at least ``train`` and ``test``, each with an ``image`` (``datasets.Image``) and a
-        ``label`` (``ClassLabel``, same classes in every split) column.
+        ``label`` (``ClassLabel``, same classes in every split) column (plus ``parts`` for ``"synthetic-parts"``).
 
     Raises:
-        ValueError: Unknown name, missing column, unusable labels, bad images, or an empty split.
+        ValueError: Unknown name, missing column, unusable labels, bad images, an empty split, or an invalid
+            ``synthetic_parts`` config (or one given with another dataset).
         ImportError, FileNotFoundError: A bundled dataset's package is missing (the message has the install
             command).
     """
     if bad_images not in ("error", "skip"):
         raise ValueError(f"bad_images must be 'error' or 'skip', got {bad_images!r}.")
     name = os.fspath(name_or_path)
-    if name in _BUNDLED:
+    if synthetic_parts is not None and name != _SYNTHETIC_PARTS:
+        raise ValueError(
+            f"synthetic_parts= configures the {_SYNTHETIC_PARTS!r} dataset only, but the dataset is {name!r}; drop "
+            f"synthetic_parts=, or load {_SYNTHETIC_PARTS!r}."
+        )
+    if name == _SYNTHETIC_PARTS:
+        dataset = _synthetic_parts_dataset(synthetic_parts, cache_dir)
+    elif name in _BUNDLED:
         dataset = _bundled_dataset(name, cache_dir)
     else:
         if os.path.isdir(name) and not load_dataset_kwargs:
@@ -581,4 +630,13 @@ def load_image_dataset(
     return dataset
 
 
-__all__ = ["BUNDLED_DATASETS", "MIN_IMAGE_SIZE", "load_image_dataset"]
+def check_classes(split: Dataset, id2label: dict, purpose: str = "") -> None:
+    """Refuse a split whose classes are not a model's (`id2label`, e.g. ``model.config.id2label``): its labels would
+    mean other classes. `purpose` completes the message (why the classes must match)."""
+    names = [str(name) for name in split.features["label"].names]
+    expected = [str(id2label[i]) for i in range(len(id2label))]
+    if names != expected:
+        raise ValueError(f"The dataset's classes {names} are not the model's {expected}" + (f": {purpose}." if purpose else "."))
+
+
+__all__ = ["BUNDLED_DATASETS", "MIN_IMAGE_SIZE", "check_classes", "load_image_dataset"]
