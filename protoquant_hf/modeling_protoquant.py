@@ -350,8 +350,8 @@ class ProtoQuantModel(ProtoQuantPreTrainedModel):
         Available for EfficientNet backbones (the bundled default; see `fast_backbone.py`): batch-norms
         folded into convolutions, identity squeeze-excites removed, cache-sized micro-batches on
         single-threaded workers. The copy is a snapshot of the backbone's current weights (call again
-        after replacing them), is never saved, and is bypassed whenever the backbone itself requires
-        grad or hidden states / attentions are requested.
+        after replacing them), is never saved, and is bypassed whenever the backbone or the pixels
+        require grad or hidden states / attentions are requested.
 
         Args:
             enabled: switch the copy on (`True`) or back to the eager backbone (`False`).
@@ -458,7 +458,10 @@ class ProtoQuantModel(ProtoQuantPreTrainedModel):
         self._check_pixel_values(pixel_values)
         wants_extra = bool(kwargs.get("output_hidden_states") or kwargs.get("output_attentions"))
         fast = self.__dict__["_fast_backbone"]
-        if fast is not None and not wants_extra and not any(p.requires_grad for p in self.backbone.parameters()):
+        # The copy is inference-only: any gradient (to the weights, or to the pixels, as attacks and attribution
+        # methods need) goes through the eager backbone.
+        needs_grad = pixel_values.requires_grad or any(p.requires_grad for p in self.backbone.parameters())
+        if fast is not None and not wants_extra and not needs_grad:
             features, outputs = fast.to(pixel_values.device)(pixel_values).last_hidden_state, None
         else:
             features, outputs = self._eager_features(pixel_values, **kwargs)

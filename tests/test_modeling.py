@@ -470,6 +470,15 @@ def test_fast_backbone_is_exact_unsaved_and_checked(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="NaN"):  # the model's own input checks still apply
         model(torch.full((1, 3, size, size), float("nan")))
     monkeypatch.undo()
+    # Gradients to the pixels (attacks, attribution) go through the eager backbone: the copy is inference-only.
+    attacked = pixels.clone().requires_grad_(True)
+    model(attacked).logits.sum().backward()
+    reference = pixels.clone().requires_grad_(True)
+    model.use_fast_backbone(False)
+    model(reference).logits.sum().backward()
+    torch.testing.assert_close(attacked.grad, reference.grad)
+    assert attacked.grad.abs().max() > 0
+    model.use_fast_backbone()
     assert set(model.state_dict()) == keys  # never saved
     model.save_pretrained(tmp_path)
     assert ProtoQuantForImageClassification.from_pretrained(tmp_path).protoquant.__dict__["_fast_backbone"] is None
