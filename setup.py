@@ -36,7 +36,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["protoquant_hf", "protoquant_hf.*"]),
-    package_data={"protoquant_hf.hub": ["model_card.md"]},
+    package_data={"protoquant_hf.hub": ["model_card.md"], "protoquant_hf.metrics": ["evaluate_modules/*/*.py"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["protoquant=protoquant_hf.cli:main"]},

@@ -34,7 +34,8 @@ def format_summary(summary, output_dir: str, check: dict | None = None) -> str:
         rows.append(("stage-1 quantized accuracy", f"{phases['stage1'].accuracy:.4f}"))
     if summary.accuracy is not None:
         ratio = f"  ({summary.accuracy_vs_linear_probe:.3f} x probe)" if summary.accuracy_vs_linear_probe else ""
-        rows.append(("ProtoQuant accuracy", f"{summary.accuracy:.4f}{ratio}"))
+        free = summary.arguments.get("training", {}).get("concept_training") == "free"
+        rows.append(("free-prototype baseline accuracy" if free else "ProtoQuant accuracy", f"{summary.accuracy:.4f}{ratio}"))
     if summary.num_concepts is not None:
         dead = f"  (dead after stage 1: {phases['stage1'].usage.dead_concepts})" if "stage1" in phases else ""
         rows.append(("concepts (K)", f"{summary.num_concepts}{dead}"))
@@ -193,6 +194,150 @@ def push_command(argv: list[str]) -> int:
     return 0
 
 
+EVALUATE_DESCRIPTION = """Measure a trained ProtoQuant model on a dataset with its classes: accuracy, explanation size
+(local size per class, global size, sparsity, ANZ, SimANZCC), the accuracy vs top-k-concepts-per-class curve and
+grounding (max cosine of each concept to a training feature); with --stability the spatial-misalignment benchmark
+(masked PGD outside the top concept's box: PAC, PRC, PLC, AC) and Gaussian-noise stability; with --purity (datasets
+with part annotations, e.g. synthetic-parts) Huang et al.'s consistency and PIP-Net's part purity. Prints a table;
+with --output_dir writes evaluation.json, evaluation.md and accuracy_vs_top_k.png into a new folder."""
+
+
+def evaluate_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="protoquant evaluate", description=EVALUATE_DESCRIPTION)
+    parser.add_argument("--model", required=True, help="a trained ProtoQuant model folder (read only)")
+    parser.add_argument("--dataset", required=True, help="a bundled name, an image folder or a Hub dataset id (the model's classes)")
+    parser.add_argument("--dataset_config", default=None, help="Hub dataset configuration name")
+    parser.add_argument("--split", default="test", help="the split measured (default: test)")
+    parser.add_argument("--max_samples", type=int, default=None, help="use at most this many images per split (stratified)")
+    parser.add_argument("--output_dir", default=None, help="new folder for evaluation.json, evaluation.md and the figure")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if `protoquant evaluate` wrote it")
+    parser.add_argument("--stability", action="store_true", help="run the spatial-misalignment and noise-stability benchmarks")
+    parser.add_argument("--purity", action="store_true", help="run consistency and part purity (needs part annotations)")
+    parser.add_argument("--no_grounding", action="store_true", help="skip the grounding pass over the training split")
+    parser.add_argument("--stability_images", type=int, default=100,
+                        help="images (evenly spaced over the split) for --stability / --purity (default: 100)")
+    parser.add_argument("--epsilon", type=float, default=0.4, help="PGD L-inf radius in normalised pixels (default: 0.4)")
+    parser.add_argument("--step_size", type=float, default=0.01, help="PGD step (default: 0.01)")
+    parser.add_argument("--iterations", type=int, default=40, help="PGD iterations (default: 40)")
+    parser.add_argument("--noise_std", type=float, default=0.2, help="Gaussian noise std in normalised pixels (default: 0.2)")
+    parser.add_argument("--batch_size", type=int, default=32, help="images per forward in the stability metrics")
+    parser.add_argument("--disable_tqdm", action="store_true", help="hide progress bars")
+    args = parser.parse_args(argv)
+    from .metrics.evaluation import EvaluationSettings, evaluate_folder
+
+    try:
+        settings = EvaluationSettings(
+            split=args.split, grounding=not args.no_grounding, stability=args.stability, purity=args.purity,
+            stability_images=args.stability_images, epsilon=args.epsilon, step_size=args.step_size,
+            iterations=args.iterations, noise_std=args.noise_std, batch_size=args.batch_size,
+        )
+        extra = {"name": args.dataset_config} if args.dataset_config else {}
+        report = evaluate_folder(
+            args.model, args.dataset, settings, output_dir=args.output_dir, overwrite=args.overwrite,
+            max_samples=args.max_samples, show_progress=not args.disable_tqdm, **extra,
+        )
+    except (ValueError, FileNotFoundError, OSError) as error:
+        print(f"protoquant evaluate: error: {error}", file=sys.stderr)
+        return 2
+    rows = report.rows()
+    width = max(len(name) for name, _ in rows)
+    print("\n".join(f"  {name.ljust(width)}  {value}" for name, value in rows))
+    if args.output_dir:
+        print(f"Wrote evaluation.json, evaluation.md and accuracy_vs_top_k.png to {args.output_dir}")
+    return 0
+
+
+PRUNE_DESCRIPTION = """Prune a trained ProtoQuant model into a NEW model folder (the input is never modified): keep the
+top-k concepts per class (masking: the other concepts' scores are unchanged), physically remove concepts no class
+uses (codebook and W shrink together; the softmax over fewer concepts changes the remaining scores slightly), and/or
+prune the codebook to K concepts by usage on the training data. Every step is recorded in the model's edit log
+(config.json, shown by the model card), with the accuracy before and after when --dataset is given."""
+
+EDIT_DESCRIPTION = """Edit a trained ProtoQuant model's concept→class weights into a NEW model folder (the input is
+never modified): disable a concept (for every class or one), set a class-concept weight, or rescale a concept's
+weights. The backbone and the other concepts are untouched, so each affected logit changes by exactly the edited
+contribution. Classes are given by label or index. Every edit is recorded in the model's edit log with --reason and,
+when --dataset is given, the accuracy before and after."""
+
+
+def _edit_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--model", required=True, help="a trained ProtoQuant model folder (read only)")
+    parser.add_argument("--output_dir", required=True, help=f"new folder for the {what} model")
+    parser.add_argument("--dataset", default=None,
+                        help="measure the accuracy before and after every edit on this dataset (the model's classes)")
+    parser.add_argument("--split", default="test", help="the split the accuracy is measured on (default: test)")
+    parser.add_argument("--max_samples", type=int, default=None, help="use at most this many images per split (stratified)")
+    parser.add_argument("--reason", default=None, help="why, recorded in the edit log and the model card")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it is a ProtoQuant model folder")
+    parser.add_argument("--disable_tqdm", action="store_true", help="hide progress bars")
+
+
+def _run_edits(command: str, args, edits: list[tuple[str, dict]]) -> int:
+    from .model_edits import edit_folder
+
+    try:
+        result = edit_folder(
+            args.model, args.output_dir, edits, dataset=args.dataset, split=args.split, max_samples=args.max_samples,
+            reason=args.reason, overwrite=args.overwrite, show_progress=not args.disable_tqdm,
+        )
+    except (ValueError, FileNotFoundError, OSError) as error:
+        print(f"protoquant {command}: error: {error}", file=sys.stderr)
+        return 2
+    if result.eval_set is not None:
+        print(f"accuracy on {result.eval_set}: {result.accuracy_before:.4f} before, {result.accuracy_after:.4f} after")
+    for note in result.notes:
+        print(note)
+    print(f"Wrote the {command}d model to {result.output_dir} ({len(result.records)} edit(s) in its edit log)")
+    return 0
+
+
+def prune_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="protoquant prune", description=PRUNE_DESCRIPTION)
+    _edit_arguments(parser, "pruned")
+    parser.add_argument("--prune_to", type=int, default=None,
+                        help="first prune the codebook to this many concepts by usage on the training split (needs --dataset)")
+    parser.add_argument("--prune_steps", type=int, default=4, help="rounds of usage-based pruning (usage recounted each round)")
+    parser.add_argument("--top_k_per_class", type=int, default=None, help="keep the k strongest concepts per class")
+    parser.add_argument("--remove_unused", action="store_true", help="remove the concepts no class uses (last)")
+    args = parser.parse_args(argv)
+    edits = []
+    if args.prune_to is not None:
+        edits.append(("prune_to", {"num_concepts": args.prune_to, "steps": args.prune_steps}))
+    if args.top_k_per_class is not None:
+        edits.append(("keep_top_k_per_class", {"k": args.top_k_per_class}))
+    if args.remove_unused:
+        edits.append(("remove_unused_concepts", {}))
+    if not edits:
+        parser.error("nothing to do: give --top_k_per_class, --remove_unused and/or --prune_to")
+    return _run_edits("prune", args, edits)
+
+
+def edit_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="protoquant edit", description=EDIT_DESCRIPTION)
+    _edit_arguments(parser, "edited")
+    parser.add_argument("--disable_concept", type=int, action="append", default=[], metavar="CONCEPT",
+                        help="set the concept's weight to 0 (for every class, or for --for_class); repeatable")
+    parser.add_argument("--for_class", default=None, metavar="CLASS",
+                        help="restrict --disable_concept / --scale_weight to this class (label or index)")
+    parser.add_argument("--set_weight", nargs=3, action="append", default=[], metavar=("CLASS", "CONCEPT", "VALUE"),
+                        help="set W[CLASS, CONCEPT] = VALUE (>= 0); repeatable")
+    parser.add_argument("--scale_weight", nargs=2, action="append", default=[], metavar=("CONCEPT", "FACTOR"),
+                        help="multiply the concept's weights (every class, or --for_class) by FACTOR >= 0; repeatable")
+    args = parser.parse_args(argv)
+    for_class = args.for_class  # a label or an index, resolved by the model
+    edits = [("disable_concept", {"concept_index": k, "class_index": for_class}) for k in args.disable_concept]
+    try:
+        edits += [("set_weight", {"class_index": c, "concept_index": int(k), "value": float(v)})
+                  for c, k, v in args.set_weight]
+        edits += [("scale_weight", {"concept_index": int(k), "factor": float(f), "class_index": for_class})
+                  for k, f in args.scale_weight]
+    except ValueError as error:
+        parser.error(f"CONCEPT must be an integer and VALUE / FACTOR numbers ({error})")
+    if not edits:
+        parser.error("nothing to do: give --disable_concept, --set_weight and/or --scale_weight")
+    return _run_edits("edit", args, edits)
+
+
 def app_command(argv: list[str]) -> int:
     from .app import main as app_main
 
@@ -203,6 +348,9 @@ COMMANDS = {
     "train": (train, "train a ProtoQuant classifier (two stages) and save it as a Hugging Face folder"),
     "explain": (explain_command, "explain a model's decisions on images: concepts, contributions, heatmaps, patches"),
     "gallery": (gallery_command, "store each concept's nearest training patches with a model, and draw them"),
+    "evaluate": (evaluate_command, "measure a model: accuracy, explanation size, grounding, stability, purity"),
+    "prune": (prune_command, "prune a model into a new folder: top-k concepts per class, unused concepts, usage"),
+    "edit": (edit_command, "edit a model's concept weights into a new folder (disable, set, rescale), with an edit log"),
     "push": (push_command, "publish a trained model to the Hugging Face Hub (bundle + model card, one commit)"),
     "app": (app_command, "serve a local demo app (Gradio) for a model: prediction, concepts, heatmaps, patches"),
 }

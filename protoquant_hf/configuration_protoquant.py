@@ -22,6 +22,8 @@ TOKEN_FAMILIES = ("vit", "deit", "clip_vision_model", "siglip_vision_model")
 # Convnets reachable only through `AutoModel`, whose `last_hidden_state` is already NCHW.
 CONVNET_FAMILIES = ("efficientnet", "mobilenet_v1", "mobilenet_v2", "regnet")
 SUPPORTED_BACKBONE_FAMILIES = AUTOBACKBONE_FAMILIES + TOKEN_FAMILIES + CONVNET_FAMILIES
+# How the concepts were learned (`ProtoQuantConfig.concept_training`): ProtoQuant, or the non-quantized baseline.
+CONCEPT_TRAINING = ("quantized", "free")
 
 # The bundled default backbone: EfficientNet-Lite0's architecture expressed as a transformers
 # EfficientNet config (Lite: ReLU6, no squeeze-excite, fixed 32/1280 stem/head widths).
@@ -93,6 +95,13 @@ class ProtoQuantConfig(PreTrainedConfig):
             Std of the normal init of the stage-1 head.
         backbone_name (`str`, *optional*):
             Provenance: the Hub id or alias the backbone was loaded from (`from_backbone` sets it).
+        concept_training (`str`, *optional*, defaults to `"quantized"`):
+            Provenance: how the concepts were learned. `"quantized"`: ProtoQuant (k-means on training features,
+            then VQ-style through the backbone's frozen head). `"free"`: the non-quantized baseline (free
+            prototype vectors from a random start, trained jointly with W), kept for side-by-side comparison.
+        edit_log (`list[dict]`, *optional*):
+            The edits applied to the trained model (pruning, disabled concepts, changed weights), oldest first:
+            what, when, why, K and accuracy before/after (`protoquant_hf.concepts.edit_model` appends to it).
 
     Example:
 
@@ -142,6 +151,8 @@ class ProtoQuantConfig(PreTrainedConfig):
     head_l1_lambda: float = 1e-4
     initializer_range: float = 0.02
     backbone_name: str | None = None
+    concept_training: str = "quantized"
+    edit_log: list | None = None
 
     def __post_init__(self, **kwargs):
         # Saved for the Hub (`to_dict`), dropped when loading: transformers' pipeline() insists on
@@ -175,6 +186,8 @@ class ProtoQuantConfig(PreTrainedConfig):
             raise ValueError(f"stage1_head_num_labels must be >= 0, got {self.stage1_head_num_labels}.")
         if not 0 <= self.codebook_loss_weight < float("inf"):
             raise ValueError(f"codebook_loss_weight must be finite and >= 0, got {self.codebook_loss_weight}.")
+        if self.concept_training not in CONCEPT_TRAINING:
+            raise ValueError(f"concept_training must be one of {CONCEPT_TRAINING}, got {self.concept_training!r}.")
         if not 0 <= self.head_l1_lambda < float("inf"):
             raise ValueError(f"head_l1_lambda must be finite and >= 0, got {self.head_l1_lambda}.")
 

@@ -49,10 +49,13 @@ def default_box_rule(model) -> str:
     return "patch" if model.protoquant.backbone_kind == "tokens" else "pipnet"
 
 
-def upsample_map(activation_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """A `(h, w)` map bilinearly interpolated to `(H, W)` (align_corners=False), as float32."""
+def upsample_map(activation_map: np.ndarray, size: tuple[int, int], mode: str = "bilinear") -> np.ndarray:
+    """A `(h, w)` map interpolated to `(H, W)` (align_corners=False), as float32: bilinear for explanations,
+    `mode="bicubic"` where a protocol asks for it (ProtoPNet-style boxes in the stability benchmarks)."""
+    if mode not in ("bilinear", "bicubic"):
+        raise ValueError(f"upsample_map supports the 'bilinear' and 'bicubic' modes; got {mode!r}.")
     tensor = torch.as_tensor(np.asarray(activation_map, dtype=np.float32))[None, None]
-    return F.interpolate(tensor, size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
+    return F.interpolate(tensor, size=size, mode=mode, align_corners=False)[0, 0].numpy()
 
 
 def cell_box(
@@ -167,14 +170,16 @@ def pixels_to_image(pixel_values: torch.Tensor, image_mean, image_std) -> np.nda
 
 
 def resolve_class(model, target) -> int | None:
-    """A class index from an index or a label name (None: the prediction)."""
+    """A class index from an index or a label name (None: the prediction). A string is a label name first, then,
+    if no label has that name and it is a number (as typed on a command line), an index."""
     if target is None:
         return None
     if isinstance(target, str):
         label2id = {label: index for index, label in model.config.id2label.items()}
-        if target not in label2id:
+        if target in label2id:
+            return label2id[target]
+        if not target.isdigit():
             raise ValueError(f"Unknown class {target!r}; the model's classes are {sorted(label2id)}.")
-        return label2id[target]
     if not 0 <= int(target) < model.config.num_labels:
         raise ValueError(f"Class index {target} out of range [0, {model.config.num_labels - 1}].")
     return int(target)
@@ -333,6 +338,18 @@ class ConceptGallery:
                 "This gallery was built for other concept vectors than the model's (same K, different concepts). "
                 "Rebuild it with `protoquant gallery`."
             )
+
+    def select(self, keep, concepts: torch.Tensor) -> "ConceptGallery":
+        """The gallery of the kept concepts (indices into this gallery) after a codebook was pruned to `concepts`:
+        a kept concept's nearest patches do not depend on the other concepts, so they stay valid."""
+        keep = [int(index) for index in keep]
+        if len(keep) != len(concepts):
+            raise ValueError(f"Kept {len(keep)} concepts but the pruned codebook has {len(concepts)}.")
+        return ConceptGallery(
+            thumbnails=[self.thumbnails[index] for index in keep], scores=self.scores[keep], rows=self.rows[keep],
+            cells=self.cells[keep], boxes=self.boxes[keep],
+            info={**self.info, "concepts_sha256": concepts_fingerprint(concepts)},
+        )
 
     def save(self, folder: str | os.PathLike) -> Path:
         """Write ``gallery/patches.safetensors`` and ``gallery/index.json`` into `folder`."""

@@ -38,6 +38,7 @@ from transformers import AutoConfig, AutoImageProcessor
 from .concepts import (
     ConceptStats,
     FeatureCache,
+    concept_score_table,
     concepts_per_class,
     extract_features,
     keep_top_k_per_class,
@@ -138,6 +139,11 @@ class RunContext:
     final_stats: ConceptStats | None = None  # of the final model (grounding pass), reused by gallery and figures
 
     @property
+    def free_concepts(self) -> bool:
+        """The non-quantized baseline (`--concept_training free`): prototypes train jointly with W."""
+        return self.args.concept_training == "free"
+
+    @property
     def augmented(self) -> bool:
         return isinstance(self.train_inputs, AugmentedImages)
 
@@ -224,15 +230,17 @@ class Phase:
 
 
 def initialize(ctx: RunContext) -> InitResult:
-    """Concepts from the training features (k-means by default), computed once and broadcast."""
+    """Concepts from the training features (k-means by default), computed once and broadcast. The free
+    baseline's prototypes start random (orthogonal), as PIP-Net's do."""
     args, model = ctx.args, ctx.model
+    method = "orthogonal" if ctx.free_concepts else args.concept_init
     if ctx.accelerator.is_main_process:
         initialize_concepts(
-            model, ctx.train_cache, args.concept_init,
+            model, ctx.train_cache, method,
             max_vectors=args.kmeans_max_vectors, kmeans_iterations=args.kmeans_iterations, seed=args.seed,
         )
     set_concepts(model, broadcast_tensor(ctx.accelerator, model.codebook.concepts.detach().cpu()))
-    return InitResult(method=args.concept_init, usage=ctx.concept_stats().usage_summary())
+    return InitResult(method=method, usage=ctx.concept_stats().usage_summary())
 
 
 def fit_stage1_head(ctx: RunContext) -> ProbeResult:
@@ -253,9 +261,12 @@ def fit_stage1_head(ctx: RunContext) -> ProbeResult:
     return ProbeResult(head=head_kind, accuracy=probe_accuracy)
 
 
-def train_codebook(ctx: RunContext) -> CodebookResult:
-    """Stage 1: the concepts learn through the frozen stage-1 head on quantized features."""
+def train_codebook(ctx: RunContext) -> CodebookResult | None:
+    """Stage 1: the concepts learn through the frozen stage-1 head on quantized features (not for the free
+    baseline, which has no quantization)."""
     model, args = ctx.model, ctx.args
+    if ctx.free_concepts:
+        return None
     model.set_trainable("codebook")
     ctx.fit_stage(
         "stage1", Objective(model, model_objective("codebook", ctx.train_input_name)),
@@ -267,9 +278,12 @@ def train_codebook(ctx: RunContext) -> CodebookResult:
     return CodebookResult(accuracy=ctx.test_accuracy("codebook"), usage=stats.usage_summary(), epochs=args.stage1_epochs)
 
 
-def prune_codebook(ctx: RunContext) -> PruneResult:
-    """Dead concepts (no training location picks them) and optional usage-based pruning."""
+def prune_codebook(ctx: RunContext) -> PruneResult | None:
+    """Dead concepts (no training location picks them) and optional usage-based pruning (both read the
+    stage-1 codebook, which the free baseline does not have)."""
     model, args = ctx.model, ctx.args
+    if ctx.free_concepts:
+        return None
     dead_removed, rounds = 0, []
     if args.drop_dead_concepts:
         # The counts of stage 1, unless this run resumed right at this phase.
@@ -283,8 +297,10 @@ def prune_codebook(ctx: RunContext) -> PruneResult:
 
 
 def train_head(ctx: RunContext) -> HeadResult:
-    """Stage 2: the non-negative concept→class weights with CE + λ·ΣReLU(W)."""
-    return _train_head(ctx, "stage2", ctx.args.stage2_epochs)
+    """Stage 2: the non-negative concept→class weights with CE + λ·ΣReLU(W). The free baseline trains its
+    prototypes with W here, for stage-1 + stage-2 epochs (the same budget of epochs)."""
+    args = ctx.args
+    return _train_head(ctx, "stage2", args.stage2_epochs + (args.stage1_epochs if ctx.free_concepts else 0))
 
 
 def sparsify_head(ctx: RunContext) -> HeadResult | None:
@@ -372,18 +388,21 @@ def _train_head(ctx: RunContext, stage: str, epochs: int, **result_fields) -> He
     """Head training. With frozen concepts and neither mixing nor augmentation the concept scores of
     every training image are fixed, so they are computed once and the epochs train W on that table."""
     args, model = ctx.args, ctx.model
-    model.set_trainable("head", train_concepts=args.train_concepts)
+    train_concepts = args.train_concepts or ctx.free_concepts
+    model.set_trainable("head", train_concepts=train_concepts)
     param_groups = [{"params": [model.classifier.weight], "lr": args.stage2_lr}]
-    if args.train_concepts:
-        param_groups.append({"params": [model.codebook.concepts], "lr": args.concept_lr})
+    if train_concepts:
+        # The free baseline's prototypes learn at the rate ProtoQuant's concepts learn at in stage 1.
+        concept_lr = args.stage1_lr if ctx.free_concepts else args.concept_lr
+        param_groups.append({"params": [model.codebook.concepts], "lr": concept_lr})
     mixing = None
     if args.mixup:
         num_classes = model.config.num_labels
         mixing = lambda inputs, labels, rng: mix_batch(inputs, labels, num_classes, rng=rng)  # noqa: E731
-    if args.train_concepts or args.mixup or ctx.augmented:
+    if train_concepts or args.mixup or ctx.augmented:
         inputs, input_name = ctx.train_inputs, ctx.train_input_name
     else:
-        inputs, input_name = _concept_score_table(model, ctx.train_cache), "concept_scores"
+        inputs, input_name = concept_score_table(model, ctx.train_cache), "concept_scores"
     ctx.fit_stage(stage, Objective(model, model_objective("head", input_name)), param_groups, inputs, epochs, transform_batch=mixing)
     model.set_trainable("head")
     per_class = concepts_per_class(model)
@@ -394,13 +413,6 @@ def _train_head(ctx: RunContext, stage: str, epochs: int, **result_fields) -> He
         epochs=epochs,
         **result_fields,
     )
-
-
-@torch.no_grad()
-def _concept_score_table(model, cache: FeatureCache, batch_size: int = 256) -> torch.Tensor:
-    device = model.codebook.concepts.device
-    model.eval()
-    return torch.cat([model(feature_maps=maps.to(device)).concept_scores.cpu() for maps, _ in cache.batches(batch_size)])
 
 
 # ---- the job ----------------------------------------------------------------------------------------
@@ -594,6 +606,7 @@ def _run_job(
             backbone_feature_layer=model_args.backbone_feature_layer,
             codebook_loss_weight=training_args.codebook_loss_weight,
             head_l1_lambda=training_args.l1_lambda,
+            concept_training=training_args.concept_training,
         )
     if model.config.num_labels != len(class_names):
         raise ValueError(

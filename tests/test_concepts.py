@@ -13,12 +13,12 @@ from protoquant_hf.concepts import (
     ConceptStats,
     FeatureCache,
     UsageSummary,
+    disable_concept,
     keep_top_k_per_class,
     prune_by_usage,
     prune_concepts,
     remove_unused_concepts,
     set_concepts,
-    zero_weight,
 )
 from protoquant_hf.training.summary import (
     CodebookResult,
@@ -151,12 +151,12 @@ def test_remove_unused_concepts_keeps_exactly_the_used_ones():
     assert remove_unused_concepts(model) == 0
 
 
-def test_zero_weight_and_set_concepts_validate():
+def test_disable_concept_and_set_concepts_validate():
     model = tiny_model()
-    zero_weight(model, 1, 3)
+    disable_concept(model, 3, class_index=1)
     assert model.classifier.weight[1, 3] == 0 and (model.classifier.weight[0] != 0).all()
-    with pytest.raises(ValueError, match=r"concept_index in \[0, 4\]"):
-        zero_weight(model, 0, 5)
+    with pytest.raises(ValueError, match=r"concept_index must be in \[0, 4\]"):
+        disable_concept(model, 5, class_index=0)
     with pytest.raises(ValueError, match="shape"):
         set_concepts(model, torch.zeros(4, HIDDEN))
     with pytest.raises(ValueError, match=r"\[0, 4\]"):

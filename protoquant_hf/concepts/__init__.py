@@ -4,32 +4,45 @@ never each other.
 ``cache``    the on-disk feature cache (frozen-backbone feature maps, computed once)
 ``stats``    `ConceptStats`: usage, nearest training patches, grounding, per-class presence in one pass
 ``editing``  the only functions that change concepts or the concept→class weights
+``edit_log`` user edits through those functions, each recorded in the edit log saved with the model
 """
 
 from .cache import FeatureCache, backbone_fingerprint, cache_key, extract_features
+from .edit_log import EDIT_OPERATIONS, EditRecord, edit_log, edit_model
 from .editing import (
+    disable_concept,
     keep_top_k_per_class,
     prune_by_usage,
     prune_concepts,
     remove_unused_concepts,
+    scale_weight,
     set_concepts,
-    zero_weight,
+    set_weight,
+    top_k_mask,
 )
-from .stats import ConceptStats, GroundingSummary, UsageSummary, concepts_per_class
+from .stats import ConceptStats, GroundingSummary, UsageSummary, concept_score_table, concepts_per_class
 
 __all__ = [
+    "EDIT_OPERATIONS",
     "ConceptStats",
+    "EditRecord",
     "FeatureCache",
     "GroundingSummary",
     "UsageSummary",
     "backbone_fingerprint",
     "cache_key",
+    "concept_score_table",
     "concepts_per_class",
+    "disable_concept",
+    "edit_log",
+    "edit_model",
     "extract_features",
     "keep_top_k_per_class",
     "prune_by_usage",
     "prune_concepts",
     "remove_unused_concepts",
+    "scale_weight",
     "set_concepts",
-    "zero_weight",
+    "set_weight",
+    "top_k_mask",
 ]

@@ -5,7 +5,8 @@ all go through these, so the codebook, W and `config.num_concepts` always agree,
 device, dtype and `requires_grad` flag when it is replaced.
 
 Physical removal changes the softmax normalisation of the remaining concepts (method §11.9): re-evaluate or
-retrain afterwards. Zeroing weights (`keep_top_k_per_class`, `zero_weight`) changes nothing else.
+retrain afterwards. Zeroing or rescaling weights (`keep_top_k_per_class`, `disable_concept`, `set_weight`, `scale_weight`)
+changes nothing else.
 """
 
 from __future__ import annotations
@@ -53,15 +54,21 @@ def prune_concepts(model, keep: torch.Tensor) -> None:
 
 
 @torch.no_grad()
+def top_k_mask(weight: torch.Tensor, k: int) -> torch.Tensor:
+    """`(C, K)` bool: the k largest positive ReLU(W) entries of every class (ties: lower concept index).
+    The one definition of "top-k concepts per class", used by sparsification and the top-k metrics."""
+    if not 1 <= k <= weight.shape[1]:
+        raise ValueError(f"k must be in [1, {weight.shape[1]}], got {k}.")
+    top = F.relu(weight).topk(k, dim=1).indices
+    return torch.zeros_like(weight, dtype=torch.bool).scatter_(1, top, True) & (weight > 0)
+
+
+@torch.no_grad()
 def keep_top_k_per_class(model, k: int) -> None:
     """Keep the k largest ReLU(W) entries of every class and set the rest to exactly 0 (§4.4).
     Zeroed weights stay 0 under further training: ReLU has zero gradient at 0."""
     weight = model.classifier.weight
-    if not 1 <= k <= weight.shape[1]:
-        raise ValueError(f"k must be in [1, {weight.shape[1]}], got {k}.")
-    top = F.relu(weight).topk(k, dim=1).indices
-    mask = torch.zeros_like(weight, dtype=torch.bool).scatter_(1, top, True)
-    weight.masked_fill_(~mask | (weight <= 0), 0.0)
+    weight.masked_fill_(~top_k_mask(weight, k), 0.0)
 
 
 @torch.no_grad()
@@ -74,17 +81,51 @@ def remove_unused_concepts(model) -> int:
     return removed
 
 
+def _check_indices(model, concept_index: int, class_index: int | None = None) -> None:
+    num_labels, num_concepts = model.classifier.weight.shape
+    if num_concepts == 0:
+        raise ValueError("The model has no concepts left to edit.")
+    if not 0 <= concept_index < num_concepts:
+        raise ValueError(f"concept_index must be in [0, {num_concepts - 1}] (the model has {num_concepts} concepts); got {concept_index}.")
+    if class_index is not None and not 0 <= class_index < num_labels:
+        raise ValueError(f"class_index must be in [0, {num_labels - 1}] (the model has {num_labels} classes); got {class_index}.")
+
+
 @torch.no_grad()
-def zero_weight(model, class_index: int, concept_index: int) -> None:
-    """Remove one concept's evidence for one class (W[class, concept] = 0)."""
+def disable_concept(model, concept_index: int, class_index: int | None = None) -> None:
+    """Remove a concept's evidence for every class (W[:, k] = 0), or for one class (W[c, k] = 0).
+
+    The concept stays in the codebook, so every other concept's presence score is unchanged (method §6): each
+    affected logit drops by exactly the concept's contribution, and nothing else moves."""
+    _check_indices(model, concept_index, class_index)
     weight = model.classifier.weight
-    num_labels, num_concepts = weight.shape
-    if not (0 <= class_index < num_labels and 0 <= concept_index < num_concepts):
-        raise ValueError(
-            f"class_index must be in [0, {num_labels - 1}] and concept_index in [0, {num_concepts - 1}]; "
-            f"got ({class_index}, {concept_index})."
-        )
-    weight[class_index, concept_index] = 0.0
+    if class_index is None:
+        weight[:, concept_index] = 0.0
+    else:
+        weight[class_index, concept_index] = 0.0
+
+
+@torch.no_grad()
+def set_weight(model, class_index: int, concept_index: int, value: float) -> None:
+    """Set the weight of one concept for one class (W[c, k] = value, value >= 0: the head uses ReLU(W), so a
+    negative value would silently act as 0)."""
+    _check_indices(model, concept_index, class_index)
+    if not 0 <= value < math.inf:
+        raise ValueError(f"A class-concept weight must be finite and >= 0 (the head uses ReLU(W)); got {value}.")
+    model.classifier.weight[class_index, concept_index] = value
+
+
+@torch.no_grad()
+def scale_weight(model, concept_index: int, factor: float, class_index: int | None = None) -> None:
+    """Multiply a concept's weight for every class (or for one class) by `factor` >= 0."""
+    _check_indices(model, concept_index, class_index)
+    if not 0 <= factor < math.inf:
+        raise ValueError(f"The scale factor must be finite and >= 0; got {factor}.")
+    weight = model.classifier.weight
+    if class_index is None:
+        weight[:, concept_index] *= factor
+    else:
+        weight[class_index, concept_index] *= factor
 
 
 @torch.no_grad()
@@ -119,10 +160,13 @@ def prune_by_usage(
 
 
 __all__ = [
+    "disable_concept",
     "keep_top_k_per_class",
     "prune_by_usage",
     "prune_concepts",
     "remove_unused_concepts",
+    "scale_weight",
     "set_concepts",
-    "zero_weight",
+    "set_weight",
+    "top_k_mask",
 ]

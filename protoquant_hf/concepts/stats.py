@@ -213,9 +213,21 @@ def _numbered(batches: Iterable[tuple[torch.Tensor, torch.Tensor]]):
         start += len(maps)
 
 
+@torch.no_grad()
+def concept_score_table(model, features: FeatureCache, batch_size: int = 256, show_progress: bool = False) -> torch.Tensor:
+    """`(N, K)` presence scores of every cached image (in cache row order), through the model's own forward.
+
+    With frozen concepts this table is all that head training and the size metrics read."""
+    device = next(model.parameters()).device
+    model.eval()
+    batches = tqdm(features.batches(batch_size), total=-(-len(features) // batch_size), desc="Concept scores",
+                   disable=not show_progress)
+    return torch.cat([model(feature_maps=maps.to(device)).concept_scores.float().cpu() for maps, _ in batches])
+
+
 def concepts_per_class(model, threshold: float = 0.1) -> torch.Tensor:
     """Number of concepts with ReLU(W) > threshold, per class `(C,)` (the paper's local size)."""
     return (F.relu(model.classifier.weight.detach()) > threshold).sum(dim=1)
 
 
-__all__ = ["ConceptStats", "GroundingSummary", "UsageSummary", "concepts_per_class"]
+__all__ = ["ConceptStats", "GroundingSummary", "UsageSummary", "concept_score_table", "concepts_per_class"]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-from ..data import load_image_dataset
+from ..data import check_classes, load_image_dataset
 from ..backbones import quiet_transformers
 from ..output_folder import check_destination, is_complete, mark_complete, publish, work_folder, write_lock
 from . import explain, load_gallery, write_figures
@@ -20,7 +20,8 @@ from .figures import plot_explanation
 from .gallery import build_gallery
 
 
-def _is_model_folder(folder: Path) -> bool:
+def is_model_folder(folder: Path) -> bool:
+    """Whether `folder` holds a ProtoQuant model (a config.json with model_type 'protoquant')."""
     try:
         return json.loads((folder / "config.json").read_text()).get("model_type") == "protoquant"
     except (OSError, ValueError):
@@ -34,7 +35,7 @@ def _is_explanation_folder(folder: Path) -> bool:
 def load_model_folder(folder: str | Path):
     """(model, image processor) of a ProtoQuant folder, with one clear error when it is not one."""
     folder = Path(folder)
-    if not _is_model_folder(folder):
+    if not is_model_folder(folder):
         raise ValueError(f"{folder} is not a ProtoQuant model folder (no config.json with model_type 'protoquant').")
     with quiet_transformers():
         model = AutoModelForImageClassification.from_pretrained(folder).eval()
@@ -117,20 +118,14 @@ def add_gallery(
             if Path(output_dir).resolve() == model_folder.resolve():
                 raise ValueError("--output_dir is the model folder itself; pass --in_place to add the gallery there.")
             output_dir = check_destination(
-                output_dir, overwrite=overwrite, replaceable=_is_model_folder, kind="a ProtoQuant model folder",
+                output_dir, overwrite=overwrite, replaceable=is_model_folder, kind="a ProtoQuant model folder",
                 existing="a model folder",
             )
         model, processor = load_model_folder(model_folder)
         data = load_image_dataset(dataset, max_samples_per_split=max_samples, **dataset_kwargs)
         if split not in data:
             raise ValueError(f"The dataset has no {split!r} split; its splits are {sorted(data)}.")
-        names = data[split].features["label"].names
-        expected = [model.config.id2label[i] for i in range(model.config.num_labels)]
-        if names != expected:
-            raise ValueError(
-                f"The dataset's classes {names} are not the model's {expected}: the gallery must come from the data the "
-                "model was trained on."
-            )
+        check_classes(data[split], model.config.id2label, "the gallery must come from the data the model was trained on")
         model.use_fast_backbone()
         gallery, stats = build_gallery(
             model, data[split], processor, per_concept=per_concept, thumb_size=thumb_size, dataset_name=str(dataset),
@@ -148,8 +143,8 @@ def add_gallery(
             gallery.save(work)
             write_figures(model, work, stats=stats, gallery=gallery)
             mark_complete(work)
-        publish(work, output_dir, _is_model_folder)
+        publish(work, output_dir, is_model_folder)
         return output_dir
 
 
-__all__ = ["add_gallery", "explain_to_folder", "load_gallery", "load_model_folder"]
+__all__ = ["add_gallery", "explain_to_folder", "is_model_folder", "load_gallery", "load_model_folder"]

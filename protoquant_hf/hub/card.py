@@ -3,12 +3,12 @@ read from the saved summaries (a measurement that was not made is left out, neve
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..bundled_backbones import BUNDLED_BACKBONES
+from ..concepts import edit_log
 from ..data import BUNDLED_DATASETS
 from ..explanation_protoquant import default_box_rule
 from ..image_processing_protoquant import MIN_IMAGE_SIZE
@@ -48,15 +48,18 @@ def _figures(folder: Path) -> dict:
     }
 
 
-def _edit_log(folder: Path) -> str | None:
-    path = folder / "edit_log.json"
-    if not path.is_file():
-        return None
+def _edit_log(model) -> str | None:
+    """Table rows of the model's edit log (``config.edit_log``), oldest first."""
     rows = []
-    for entry in json.loads(path.read_text()):
-        before, after = entry.get("accuracy_before"), entry.get("accuracy_after")
-        change = f"{before:.4f} → {after:.4f}" if before is not None and after is not None else "-"
-        rows.append(f"| {entry.get('when', '-')} | {entry.get('edit', '-')} | {entry.get('why', '-')} | {change} |")
+    for record in edit_log(model):
+        arguments = ", ".join(f"{name}={value}" for name, value in record.arguments.items())
+        edit = f"{record.operation}({arguments})" + (
+            f"; K {record.num_concepts_before} → {record.num_concepts_after}"
+            if record.num_concepts_after != record.num_concepts_before else ""
+        )
+        before, after = record.accuracy_before, record.accuracy_after
+        change = f"{before:.4f} → {after:.4f} ({record.eval_set})" if before is not None and after is not None else "-"
+        rows.append(f"| {record.time} | {edit} | {record.reason or '-'} | {change} |")
     return "\n".join(rows) or None
 
 
@@ -149,17 +152,28 @@ def render_model_card(
     if summary is not None:
         data, arguments = summary.dataset, summary.arguments
         training = arguments.get("training", {})
-        training_text = (
+        trained_on = (
             f"Trained on {data.name} ({data.train_size} training images; test: {data.test_split}, {data.test_size} "
-            f"images) at {data.image_size} px. Step 0 fitted the frozen stage-1 head "
-            f"({summary.phases['probe'].head.replace('_', ' ') if 'probe' in summary.phases else 'none'}); stage 1 learned "
-            "the codebook through it (each feature replaced by its nearest concept); stage 2 trained the concept → "
-            "class weights with CE + λ·ΣReLU(W)" + (
-                f", then kept the top {training['top_k_per_class']} concepts per class and retrained"
-                if training.get("top_k_per_class") else ""
-            ) + f". Concepts were {'fine-tuned' if training.get('train_concepts') else 'frozen'} in stage 2."
+            f"images) at {data.image_size} px"
         )
-        for key in ("concept_init", "num_concepts", "stage1_epochs", "stage1_lr", "stage2_epochs", "stage2_lr",
+        top_k = training.get("top_k_per_class")
+        if config.concept_training == "free":
+            training_text = trained_on + (
+                " as the **non-quantized baseline** (`--concept_training free`): free prototype vectors from a random "
+                "start, trained jointly with the concept → class weights by CE + λ·ΣReLU(W), with no k-means and no "
+                "codebook stage" + (f", then the top {top_k} concepts per class kept and retrained" if top_k else "")
+                + ". It exists to compare against ProtoQuant on the same backbone."
+            )
+        else:
+            training_text = trained_on + (
+                ". Step 0 fitted the frozen stage-1 head "
+                f"({summary.phases['probe'].head.replace('_', ' ') if 'probe' in summary.phases else 'none'}); stage 1 "
+                "learned the codebook through it (each feature replaced by its nearest concept); stage 2 trained the "
+                "concept → class weights with CE + λ·ΣReLU(W)"
+                + (f", then kept the top {top_k} concepts per class and retrained" if top_k else "")
+                + f". Concepts were {'fine-tuned' if training.get('train_concepts') else 'frozen'} in stage 2."
+            )
+        for key in ("concept_training", "concept_init", "num_concepts", "stage1_epochs", "stage1_lr", "stage2_epochs", "stage2_lr",
                     "l1_lambda", "top_k_per_class", "sparsify_epochs", "batch_size", "seed"):
             value = training.get(key, arguments.get("model", {}).get(key))
             if value is not None:
@@ -197,7 +211,7 @@ def render_model_card(
         ),
         results_table="\n".join(results),
         figures=_figures(folder),
-        edit_log=_edit_log(folder),
+        edit_log=_edit_log(model),
         grid=grid,
         box_rule={"patch": "exact patch", "pipnet": "PIP-Net"}[default_box_rule(model)],
         num_concepts=config.num_concepts,

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import math
 
-from ..configuration_protoquant import ProtoQuantConfig
+from ..configuration_protoquant import CONCEPT_TRAINING, ProtoQuantConfig
 from .concept_init import CONCEPT_INITS
 
 # Model defaults live in the config; the arguments show and pass them on.
@@ -20,7 +20,7 @@ class DataArguments:
     dataset: str = field(
         default="animal-mnist",
         metadata={
-            "help": "Bundled offline set (animal-mnist, fashion-mnist, digits), a local image folder "
+            "help": "Bundled offline set (animal-mnist, fashion-mnist, digits, synthetic-parts), a local image folder "
             "(class sub-folders), or a Hub dataset id."
         },
     )
@@ -117,6 +117,17 @@ class ProtoQuantTrainingArguments:
         },
     )
     disable_tqdm: bool = field(default=False, metadata={"help": "Hide the progress bars (one per phase)."})
+    concept_training: str = field(
+        default="quantized",
+        metadata={
+            "help": "quantized: ProtoQuant (concepts from --concept_init on the training features, learned VQ-style "
+            "through the frozen head in stage 1, frozen in stage 2). free: the non-quantized baseline for "
+            "side-by-side comparison, a PIP-Net-style prototype head on the same backbone with the same outputs: "
+            "free prototypes from a random (orthogonal) start, trained jointly with W (at --stage1_lr) for "
+            "stage1_epochs + stage2_epochs epochs, then the same sparsification; no k-means, no stage 1, no "
+            "dead-concept or usage pruning."
+        },
+    )
     # Stage 1: the codebook.
     concept_init: str = field(
         default="class_kmeans",
@@ -202,6 +213,8 @@ class ProtoQuantTrainingArguments:
             raise ValueError(f"--l1_lambda must be finite and >= 0, got {self.l1_lambda}.")
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"--log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}.")
+        if self.concept_training not in CONCEPT_TRAINING:
+            raise ValueError(f"--concept_training must be one of {', '.join(CONCEPT_TRAINING)}, got {self.concept_training!r}.")
         if self.concept_init not in CONCEPT_INITS:
             raise ValueError(f"--concept_init must be one of {', '.join(CONCEPT_INITS)}, got {self.concept_init!r}.")
         if self.overwrite and self.resume:
