@@ -287,7 +287,8 @@ def _run_edits(command: str, args, edits: list[tuple[str, dict]]) -> int:
         print(f"accuracy on {result.eval_set}: {result.accuracy_before:.4f} before, {result.accuracy_after:.4f} after")
     for note in result.notes:
         print(note)
-    print(f"Wrote the {command}d model to {result.output_dir} ({len(result.records)} edit(s) in its edit log)")
+    print(f"Wrote the {'pruned' if command == 'prune' else 'edited'} model to {result.output_dir} "
+          f"({len(result.records)} edit(s) in its edit log)")
     return 0
 
 

@@ -148,6 +148,8 @@ def edit_folder(
             accuracy = record.accuracy_after
             records.append(record)
             change = f": accuracy {record.accuracy_before:.4f} → {record.accuracy_after:.4f}" if data else ""
+            if record.weights_changed == 0:
+                change += " (no weight changed: the edit had no effect)"
             log(f"{operation}({', '.join(f'{k}={v}' for k, v in record.arguments.items())}), "
                 f"K {record.num_concepts_before} → {record.num_concepts_after}{change}")
         work = work_folder(output_dir)

@@ -119,6 +119,11 @@ def test_a_bad_edit_is_one_clear_error_and_changes_nothing(operation, arguments,
 
 def test_the_edit_log_records_each_edit_and_round_trips_through_save_and_load(tmp_path):
     model = tiny_model()
+    with torch.no_grad():
+        model.classifier.weight[1, 1] = 0.7  # used by beta: disabling it changes one weight
+    positive = model.classifier.weight.detach() > 0
+    positive[1, 1] = False
+    beyond_top_2 = int((positive.sum(dim=1) - 2).clamp_min(0).sum())
     accuracies = iter([0.5, 0.25, 0.75])
     first = edit_model(model, "disable_concept", concept_index=1, class_index="beta", reason="spurious background",
                        evaluate=lambda m: next(accuracies), eval_set="held-out")
@@ -127,9 +132,12 @@ def test_the_edit_log_records_each_edit_and_round_trips_through_save_and_load(tm
     assert first.arguments == {"concept_index": 1, "class_index": 1, "class_label": "beta"}
     assert (first.accuracy_before, first.accuracy_after, second.accuracy_before, second.accuracy_after) == (0.5, 0.25, 0.25, 0.75)
     assert first.reason == "spurious background" and second.reason is None
+    assert first.weights_changed == 1 and second.weights_changed == beyond_top_2 > 0
+    assert edit_model(model, "disable_concept", concept_index=1, class_index=1).weights_changed == 0  # already off
+    edit_log_before_save = edit_log(model)
     model.save_pretrained(tmp_path)
     reloaded = ProtoQuantForImageClassification.from_pretrained(tmp_path)
-    assert edit_log(reloaded) == [first, second]
+    assert edit_log(reloaded) == edit_log_before_save and edit_log(reloaded)[:2] == [first, second]
     assert json.loads((tmp_path / "config.json").read_text())["edit_log"][0]["operation"] == "disable_concept"
 
 
@@ -210,7 +218,9 @@ def test_cli_prune_writes_a_new_pruned_folder_with_its_log_and_gallery(model_fol
     rows = [next(i for i, c in enumerate(original.codebook.concepts) if torch.equal(c, k)) for k in pruned.codebook.concepts]
     assert np.array_equal(gallery.rows, original_gallery.rows[rows])
     assert not (out / "figures").exists() and "figures/ showed the unedited model" in result.stdout
-    assert "smaller explanations" in render_model_card(pruned, out).text
+    card = render_model_card(pruned, out).text
+    assert "smaller explanations" in card  # the edit log, with the accuracy the edited model has now
+    assert f"| test accuracy after the edits | {records[-1].accuracy_after:.4f} |" in card
 
 
 def test_cli_edit_disables_a_concept_for_a_class_by_name(model_folder, tmp_path):

@@ -52,6 +52,8 @@ class EditRecord:
         num_concepts_before / num_concepts_after: K before and after.
         accuracy_before / accuracy_after: on `eval_set`, when an evaluation function was given.
         eval_set: what the accuracies were measured on.
+        weights_changed: how many entries of ReLU(W) (the weights the head uses) the edit changed (None when K
+            changed): 0 says the edit had no effect, e.g. a concept disabled for a class that did not use it.
     """
 
     operation: str
@@ -63,6 +65,7 @@ class EditRecord:
     accuracy_before: float | None = None
     accuracy_after: float | None = None
     eval_set: str | None = None
+    weights_changed: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -104,7 +107,9 @@ def edit_model(
     if evaluate is not None and accuracy_before is None:
         accuracy_before = evaluate(model)
     num_concepts_before = model.config.num_concepts
+    weight_before = model.classifier.weight.detach().relu()  # what the head uses: ReLU(W)
     function(model, **arguments)
+    weight_after = model.classifier.weight.detach().relu()
     record = EditRecord(
         operation=operation,
         arguments=logged,
@@ -115,6 +120,7 @@ def edit_model(
         accuracy_before=accuracy_before,
         accuracy_after=evaluate(model) if evaluate is not None else None,
         eval_set=eval_set if evaluate is not None else None,
+        weights_changed=int((weight_after != weight_before).sum()) if weight_after.shape == weight_before.shape else None,
     )
     model.config.edit_log = [*(model.config.edit_log or []), record.to_dict()]
     return record

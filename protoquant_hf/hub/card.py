@@ -114,9 +114,14 @@ def render_model_card(
             )
         )
 
+    edits = edit_log(model)
+    edited_accuracy = next((r.accuracy_after for r in reversed(edits) if r.accuracy_after is not None), None)
+    if edited_accuracy is not None:  # the model as it is now, after the edits below
+        metric("test accuracy after the edits", round(edited_accuracy, 4), "accuracy", f"{edited_accuracy:.4f}")
     if summary is not None:
         if summary.accuracy is not None:
-            metric("test accuracy", round(summary.accuracy, 4), "accuracy", f"{summary.accuracy:.4f}")
+            name = "test accuracy at the end of training (before the edits)" if edits else "test accuracy"
+            metric(name, round(summary.accuracy, 4), "accuracy", f"{summary.accuracy:.4f}")
         if summary.linear_probe_accuracy is not None:
             metric("linear probe accuracy (dense reference, same frozen features)", round(summary.linear_probe_accuracy, 4),
                    "accuracy", f"{summary.linear_probe_accuracy:.4f}")
