@@ -220,7 +220,7 @@ def test_cli_prune_writes_a_new_pruned_folder_with_its_log_and_gallery(model_fol
     assert not (out / "figures").exists() and "figures/ showed the unedited model" in result.stdout
     card = render_model_card(pruned, out).text
     assert "smaller explanations" in card  # the edit log, with the accuracy the edited model has now
-    assert f"| test accuracy after the edits | {records[-1].accuracy_after:.4f} |" in card
+    assert f"| accuracy after the edits | {records[-1].accuracy_after:.4f} (on {records[-1].eval_set}) |" in card
 
 
 def test_cli_edit_disables_a_concept_for_a_class_by_name(model_folder, tmp_path):

@@ -115,9 +115,10 @@ def render_model_card(
         )
 
     edits = edit_log(model)
-    edited_accuracy = next((r.accuracy_after for r in reversed(edits) if r.accuracy_after is not None), None)
-    if edited_accuracy is not None:  # the model as it is now, after the edits below
-        metric("test accuracy after the edits", round(edited_accuracy, 4), "accuracy", f"{edited_accuracy:.4f}")
+    last_measured = next((r for r in reversed(edits) if r.accuracy_after is not None), None)
+    if last_measured is not None:  # the model as it is now, after the edits below
+        accuracy = last_measured.accuracy_after
+        metric("accuracy after the edits", round(accuracy, 4), "accuracy", f"{accuracy:.4f} (on {last_measured.eval_set})")
     if summary is not None:
         if summary.accuracy is not None:
             name = "test accuracy at the end of training (before the edits)" if edits else "test accuracy"
