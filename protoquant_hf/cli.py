@@ -40,8 +40,7 @@ def format_summary(summary, output_dir: str, check: dict | None = None) -> str:
         dead = f"  (dead after stage 1: {phases['stage1'].usage.dead_concepts})" if "stage1" in phases else ""
         rows.append(("concepts (K)", f"{summary.num_concepts}{dead}"))
     if summary.concepts_per_class is not None:
-        per_class = summary.concepts_per_class
-        rows.append((f"concepts per class (ReLU(W) > {per_class.threshold:g})", f"mean {per_class.mean:.1f}, max {per_class.max}"))
+        rows += [(label, f"mean {mean:.1f}, max {maximum}") for _, label, mean, maximum in summary.concepts_per_class.figures()]
     if summary.grounding is not None:
         rows.append(("grounding (max cosine to a training feature)", f"mean {summary.grounding.mean:.3f}, min {summary.grounding.min:.3f}"))
     rows.append(("time", f"{summary.total_s:.0f} s (feature extraction {summary.feature_extraction_s:.0f} s)"))
@@ -195,7 +194,8 @@ def push_command(argv: list[str]) -> int:
 
 
 EVALUATE_DESCRIPTION = """Measure a trained ProtoQuant model on a dataset with its classes: accuracy, explanation size
-(local size per class, global size, sparsity, ANZ, SimANZCC), the accuracy vs top-k-concepts-per-class curve and
+(concepts per class: non-zero weights, 95 % of the weight, the paper's ReLU(W) > 0.1 count; global size, sparsity,
+ANZ, SimANZCC), the accuracy vs top-k-concepts-per-class curve and
 grounding (max cosine of each concept to a training feature); with --stability the spatial-misalignment benchmark
 (masked PGD outside the top concept's box: PAC, PRC, PLC, AC) and Gaussian-noise stability; with --purity (datasets
 with part annotations, e.g. synthetic-parts) Huang et al.'s consistency and PIP-Net's part purity. Prints a table;

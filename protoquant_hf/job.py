@@ -39,7 +39,6 @@ from .concepts import (
     ConceptStats,
     FeatureCache,
     concept_score_table,
-    concepts_per_class,
     extract_features,
     keep_top_k_per_class,
     prune_by_usage,
@@ -405,11 +404,10 @@ def _train_head(ctx: RunContext, stage: str, epochs: int, **result_fields) -> He
         inputs, input_name = concept_score_table(model, ctx.train_cache), "concept_scores"
     ctx.fit_stage(stage, Objective(model, model_objective("head", input_name)), param_groups, inputs, epochs, transform_batch=mixing)
     model.set_trainable("head")
-    per_class = concepts_per_class(model)
     return HeadResult(
         accuracy=ctx.test_accuracy(),
         num_concepts=model.config.num_concepts,
-        concepts_per_class=ConceptsPerClass(mean=float(per_class.float().mean()), max=int(per_class.max())),
+        concepts_per_class=ConceptsPerClass.from_weight(model.classifier.weight),
         epochs=epochs,
         **result_fields,
     )

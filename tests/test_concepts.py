@@ -10,9 +10,12 @@ from tiny_backbones import tiny_backbone_config
 
 from protoquant_hf import ProtoQuantConfig, ProtoQuantForImageClassification
 from protoquant_hf.concepts import (
+    PAPER_WEIGHT_THRESHOLD,
     ConceptStats,
     FeatureCache,
     UsageSummary,
+    concepts_for_weight_mass,
+    concepts_per_class,
     disable_concept,
     keep_top_k_per_class,
     prune_by_usage,
@@ -192,6 +195,10 @@ def test_prune_by_usage_drops_the_least_used_in_rounds():
         prune_by_usage(model, usage, target_num_concepts=0)
 
 
+STAGE2_PER_CLASS = ConceptsPerClass(nonzero_mean=4.5, nonzero_max=5, mass95_mean=3.5, mass95_max=4, paper_mean=3.0, paper_max=4)
+SPARSE_PER_CLASS = ConceptsPerClass(nonzero_mean=2.0, nonzero_max=2, mass95_mean=1.5, mass95_max=2, paper_mean=2.0, paper_max=2)
+
+
 def test_training_summary_round_trips():
     summary = TrainingSummary(
         dataset=DatasetInfo(name="d", classes=["a", "b"], train_size=10, test_size=4, image_size=32, feature_map=[16, 2, 2]),
@@ -199,8 +206,8 @@ def test_training_summary_round_trips():
             "probe": ProbeResult(head="linear_probe", accuracy=0.9, seconds=1.5),
             "stage1": CodebookResult(accuracy=0.8, usage=UsageSummary(8, 1, 0.125, 30, 4.0), epochs=2),
             "prune": PruneResult(dead_removed=1, usage_rounds=[UsageSummary(7, 0, 0.0, 30, 5.0)], num_concepts=5),
-            "stage2": HeadResult(accuracy=0.85, num_concepts=5, concepts_per_class=ConceptsPerClass(3.0, 4), epochs=4),
-            "sparsify": HeadResult(accuracy=0.81, num_concepts=4, concepts_per_class=ConceptsPerClass(2.0, 2), epochs=2, concepts_removed=1),
+            "stage2": HeadResult(accuracy=0.85, num_concepts=5, concepts_per_class=STAGE2_PER_CLASS, epochs=4),
+            "sparsify": HeadResult(accuracy=0.81, num_concepts=4, concepts_per_class=SPARSE_PER_CLASS, epochs=2, concepts_removed=1),
             "grounding": GroundingResult(grounding=__import__("protoquant_hf").concepts.GroundingSummary(mean=0.9, min=0.7)),
         },
         total_s=12.0,
@@ -210,6 +217,109 @@ def test_training_summary_round_trips():
     assert isinstance(again.phases["prune"].usage_rounds[0], UsageSummary)
     assert again.accuracy == 0.81 and again.num_concepts == 4  # the final head is the sparsified one
     assert again.accuracy_vs_linear_probe == pytest.approx(0.9)
-    assert again.concepts_per_class == ConceptsPerClass(2.0, 2) and again.grounding.min == 0.7
+    assert again.concepts_per_class == SPARSE_PER_CLASS and again.grounding.min == 0.7
     del again.phases["sparsify"]
     assert again.accuracy == 0.85 and math.isclose(again.accuracy_vs_linear_probe, 0.85 / 0.9)
+
+
+# --- how many concepts each class uses ---
+
+
+def test_the_headline_counts_ignore_the_scale_of_w_and_the_papers_count_does_not():
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(4, 12, generator=generator, dtype=torch.float64) * 0.3
+    weight[weight.abs() < 0.02] = 0.0  # exact zeros, as after sparsification
+    scores = torch.rand(32, 12, generator=generator, dtype=torch.float64)
+    nonzero, mass = concepts_per_class(weight), concepts_for_weight_mass(weight)
+    paper = concepts_per_class(weight, PAPER_WEIGHT_THRESHOLD)
+    assert (nonzero > 0).all() and (mass <= nonzero).all() and not torch.equal(paper, nonzero)
+    for scale in (1e-3, 0.37, 3.0, 1e4):
+        scaled = weight * scale
+        # The same classifier: logits = s · ReLU(W)ᵀ only scale, so every prediction is the same ...
+        assert torch.equal((scores @ scaled.relu().T).argmax(1), (scores @ weight.relu().T).argmax(1))
+        # ... and the scale-invariant counts agree,
+        assert torch.equal(concepts_per_class(scaled), nonzero)
+        assert torch.equal(concepts_for_weight_mass(scaled), mass)
+        assert ConceptsPerClass.from_weight(scaled).figures()[:2] == ConceptsPerClass.from_weight(weight).figures()[:2]
+    # ... while the paper's ReLU(W) > 0.1 count shows any number wanted: none, or every non-zero weight.
+    assert concepts_per_class(weight * 1e-3, PAPER_WEIGHT_THRESHOLD).sum() == 0
+    assert torch.equal(concepts_per_class(weight * 1e4, PAPER_WEIGHT_THRESHOLD), nonzero)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_only_exact_zeros_and_negative_weights_are_left_out(dtype):
+    weight = torch.tensor([[1e-30, 0.0, -0.5, -0.0, 2.0], [0.0, 0.0, 0.0, -1.0, 0.0]], dtype=dtype)
+    assert concepts_per_class(weight).tolist() == [2, 0]  # 1e-30 counts; 0.0, -0.0 and -0.5 do not
+    assert concepts_per_class(weight, PAPER_WEIGHT_THRESHOLD).tolist() == [1, 0]
+    # float32(0.1) is slightly above 0.1: compared in float64, as the metrics compare, it counts.
+    assert concepts_per_class(torch.tensor([[0.1, 0.2]]), 0.1).tolist() == [2]
+    assert concepts_per_class(torch.tensor([[0.1, 0.2]], dtype=torch.float64), 0.1).tolist() == [1]
+    with pytest.raises(ValueError, match="threshold must be >= 0"):
+        concepts_per_class(weight, -0.1)
+
+
+def test_concepts_for_95_percent_of_the_weight_by_hand():
+    weight = torch.tensor(
+        [
+            [5.0, 3.0, 1.0, 1.0, 0.0],  # total 10, target 9.5; cumulative 5, 8, 9, 10 → 4
+            [0.2, 9.6, 0.2, 0.0, -3.0],  # sorted 9.6, 0.2, 0.2: 9.6 ≥ 9.5 → 1 (the negative weight is ReLU'd away)
+            [95.0, 5.0, 0.0, 0.0, 0.0],  # target 95: reached exactly by the first → 1 (≥, not >)
+            [0.0, 0.0, -1.0, 0.0, 0.0],  # no positive weight → 0
+        ],
+        dtype=torch.float64,
+    )
+    assert concepts_for_weight_mass(weight).tolist() == [4, 1, 1, 0]
+    assert concepts_for_weight_mass(weight, mass=0.5).tolist() == [1, 1, 1, 0]
+    assert torch.equal(concepts_for_weight_mass(weight, mass=1.0), concepts_per_class(weight))
+    summary = ConceptsPerClass.from_weight(weight)
+    assert (summary.mass95_mean, summary.mass95_max) == (1.5, 4)
+    # 4, 3, 2 and 0 by both counts (every positive weight here is above 0.1)
+    assert (summary.nonzero_mean, summary.nonzero_max, summary.paper_mean, summary.paper_max) == (2.25, 4, 2.25, 4)
+    for mass in (0.0, 1.5):
+        with pytest.raises(ValueError, match=r"mass must be in \(0, 1\]"):
+            concepts_for_weight_mass(weight, mass)
+    with pytest.raises(ValueError, match="at least one concept"):
+        concepts_per_class(torch.zeros(3, 0))
+
+
+# A head result as training_summary.json held it before the scale-invariant counts (only the paper's count).
+OLD_SUMMARY = """{
+  "dataset": {"name": "animal-mnist", "classes": ["bear", "bird"], "train_size": 8000, "test_size": 2000,
+              "image_size": 128, "feature_map": [1280, 4, 4], "test_split": "the dataset's test split"},
+  "phases": {
+    "probe": {"type": "ProbeResult", "seconds": 1.0, "head": "linear_probe", "accuracy": 0.978},
+    "sparsify": {"type": "HeadResult", "seconds": 5.2, "accuracy": 0.9625, "num_concepts": 100,
+                 "concepts_per_class": {"mean": 9.800000190734863, "max": 10, "threshold": 0.1},
+                 "epochs": 100, "concepts_removed": 156}
+  },
+  "feature_extraction_s": 40.0, "total_s": 100.0, "processes": 1, "arguments": {}, "versions": {}
+}"""
+
+
+def test_an_old_summary_without_the_scale_invariant_counts_still_loads():
+    from protoquant_hf.cli import format_summary
+
+    summary = TrainingSummary.from_json(OLD_SUMMARY)
+    per_class = summary.concepts_per_class
+    assert per_class == ConceptsPerClass(paper_mean=9.800000190734863, paper_max=10, paper_threshold=0.1)
+    assert per_class.nonzero_mean is None and per_class.mass95_max is None  # not measured then: not invented
+    assert [figure[0] for figure in per_class.figures()] == ["paper_concepts_per_class"]
+    table = format_summary(summary, "out")
+    assert "concepts per class, the paper's count (ReLU(W) > 0.1)  mean 9.8, max 10" in table
+    assert "non-zero" not in table
+    assert TrainingSummary.from_json(summary.to_json()) == summary  # saved again under the new keys
+
+
+def test_the_cli_table_leads_with_the_non_zero_count():
+    from protoquant_hf.cli import format_summary
+
+    summary = TrainingSummary(
+        dataset=DatasetInfo(name="d", classes=["a", "b"], train_size=10, test_size=4, image_size=32, feature_map=[16, 2, 2]),
+        phases={"sparsify": HeadResult(accuracy=0.81, num_concepts=4, concepts_per_class=SPARSE_PER_CLASS, epochs=2)},
+    )
+    lines = format_summary(summary, "out").splitlines()
+    rows = [line.split("  mean ")[0].strip() for line in lines if "concepts per class" in line]
+    assert rows == ["concepts per class (non-zero weights)", "concepts per class holding 95 % of the weight",
+                    "concepts per class, the paper's count (ReLU(W) > 0.1)"]
+    assert "mean 2.0, max 2" in lines[[i for i, line in enumerate(lines) if "non-zero" in line][0]]
+    assert any("95 %" in line and "mean 1.5, max 2" in line for line in lines)

@@ -37,6 +37,22 @@ def test_the_report_holds_the_metrics_of_the_models_own_outputs(model_folder, im
     assert f"| accuracy | {report.size['accuracy']:.4f} |" in markdown and "| 6 |" in markdown
 
 
+def test_the_report_leads_with_the_non_zero_count_and_reads_reports_of_earlier_versions():
+    weight = torch.tensor([[0.001, 0.6, 0.1], [-0.5, 0.4, 0.3]], dtype=torch.float64)
+    scores = torch.tensor([[0.9, 0.002, 0.5], [0.0005, 0.2, 0.8], [0.3, 0.7, 0.001]], dtype=torch.float64)
+    size = explanation_size(scores, weight, torch.tensor([1, 1, 0])).to_dict()
+    report = EvaluationReport(model="m", dataset="d", split="test", num_images=3, size=size)
+    rows = dict(report.rows())
+    names = [name for name in rows if "concepts per class" in name]
+    assert names == ["concepts per class (non-zero weights)", "concepts per class holding 95 % of the weight",
+                     "local size, the paper's count (concepts per class with ReLU(W) > 0.1)"]
+    assert [rows[name] for name in names] == ["mean 2.5, min 2, max 3", "mean 2.0, min 2, max 2", "mean 1.5, min 1, max 2"]
+    # An evaluation.json written before the scale-invariant sizes: only the paper's count, nothing invented.
+    old = {key: value for key, value in size.items() if not key.startswith(("nonzero_size", "mass95_size"))}
+    old_rows = dict(EvaluationReport.from_json(json.dumps({**json.loads(report.to_json()), "size": old})).rows())
+    assert [name for name in old_rows if "concepts per class" in name] == names[2:]
+
+
 def test_keypoints_follow_the_processors_resize_and_centre_crop():
     # 64 x 48 (w x h) → shortest edge 48 → 32: scale 2/3, width 42.67, 5.33 px cropped on the left.
     parts = [{"part": 0, "keypoint": [32.0, 24.0]}, {"part": 1, "keypoint": [3.0, 10.0]}, {"part": 2, "keypoint": [50.0, 47.0]}, {"part": 3, "keypoint": [60.0, 20.0]}]

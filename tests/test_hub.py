@@ -31,12 +31,13 @@ from protoquant_hf.training.summary import (
 )
 
 LABELS = {0: "alpha", 1: "beta", 2: "gamma"}
+PER_CLASS = ConceptsPerClass(nonzero_mean=4.5, nonzero_max=6, mass95_mean=2.5, mass95_max=3, paper_mean=3.5, paper_max=5)
 
 
 def summary(with_optional: bool = True) -> TrainingSummary:
     phases = {
         "probe": ProbeResult(head="linear_probe", accuracy=0.9123),
-        "stage2": HeadResult(accuracy=0.8765, num_concepts=6, concepts_per_class=ConceptsPerClass(3.5, 5), epochs=4),
+        "stage2": HeadResult(accuracy=0.8765, num_concepts=6, concepts_per_class=PER_CLASS, epochs=4),
     }
     if with_optional:
         phases["stage1"] = CodebookResult(accuracy=0.8001, usage=UsageSummary(6, 0, 0.0, 40, 12.0), epochs=2)
@@ -106,6 +107,13 @@ def test_card_metadata_and_sections_come_from_the_summary(tmp_path):
     metrics = {result.metric_name: result.metric_value for result in data.eval_results}
     assert metrics["test accuracy"] == 0.8765 and metrics["linear probe accuracy (dense reference, same frozen features)"] == 0.9123
     assert metrics["grounding: min over concepts of the best cosine to a training patch"] == 0.7012
+    # Concepts per class: the non-zero count is the headline, then 95 % of the weight, the paper's count last.
+    per_class = [(r.metric_type, r.metric_value) for r in data.eval_results if "concepts_per_class" in r.metric_type]
+    assert per_class == [("nonzero_concepts_per_class", 4.5), ("concepts_per_class_95_weight", 2.5),
+                         ("paper_concepts_per_class", 3.5)]
+    assert "| concepts per class (non-zero weights), mean | 4.5 (max 6) |" in card.text
+    assert "| concepts per class holding 95 % of the weight, mean | 2.5 (max 3) |" in card.text
+    assert "| concepts per class, the paper's count (ReLU(W) > 0.1), mean | 3.5 (max 5) |" in card.text
     assert all(result.dataset_type == "user/some-dataset" for result in data.eval_results)
     for section in ("## How to use", "## Model", "## Training procedure", "## Evaluation", "## What the model learned",
                     "## Limitations", "## Citation", "trust_remote_code=True", "someone/protoquant-test", "concept-explanation"):
@@ -120,13 +128,25 @@ def test_missing_measurements_are_left_out_not_invented(tmp_path):
     card = render_model_card(model, folder, repo_id="a/b", summary=TrainingSummary.load(folder))
     assert "| grounding" not in card.text and "stage-1 quantized" not in card.text
     assert {r.metric_name for r in card.data.eval_results} == {
-        "test accuracy", "linear probe accuracy (dense reference, same frozen features)", "concepts per class (ReLU(W) > 0.1), mean",
+        "test accuracy", "linear probe accuracy (dense reference, same frozen features)",
+        "concepts per class (non-zero weights), mean", "concepts per class holding 95 % of the weight, mean",
+        "concepts per class, the paper's count (ReLU(W) > 0.1), mean",
     }
     bare = render_model_card(model, folder, repo_id="a/b")  # no summary at all
     assert "(no measurement saved with this model)" in bare.text and bare.data.eval_results is None
     # A local backbone path never becomes base_model.
     model.config.backbone_name = str(tmp_path / "local-backbone")
     assert render_model_card(model, folder, repo_id="a/b").data.base_model is None
+
+
+def test_the_card_of_an_old_summary_shows_only_the_papers_count(tmp_path):
+    from test_concepts import OLD_SUMMARY
+
+    folder = trained_folder(tmp_path / "run")
+    model = ProtoQuantForImageClassification.from_pretrained(folder)
+    card = render_model_card(model, folder, repo_id="a/b", summary=TrainingSummary.from_json(OLD_SUMMARY))
+    assert "| concepts per class, the paper's count (ReLU(W) > 0.1), mean | 9.8 (max 10) |" in card.text
+    assert "non-zero" not in card.text and "95 %" not in card.text  # not measured then: left out, not invented
 
 
 def test_a_template_without_a_required_field_is_refused(tmp_path):

@@ -22,9 +22,11 @@ from protoquant_hf.metrics import (
     load_metric,
     local_size,
     local_size_summary,
+    nonzero_size,
     pipnet_presence,
     sim_anz_cc,
     sparsity_ratio,
+    weight_mass_size,
 )
 
 # --- the oracle: C = 2 classes, K = 3 concepts, N = 3 images, in float64 so that the ties below are exact ---
@@ -32,7 +34,9 @@ from protoquant_hf.metrics import (
 #   W = [[ 0.001, 0.6, 0.1 ],      ReLU(W) = [[0.001, 0.6, 0.1],
 #        [-0.5,   0.4, 0.3 ]]                 [0,     0.4, 0.3]]
 #
-# local size (ReLU(W) > 0.1):    class 0 → {0.6} = 1 (0.1 is a tie, not counted), class 1 → {0.4, 0.3} = 2
+# non-zero size (ReLU(W) > 0):   class 0 → {0.001, 0.6, 0.1} = 3, class 1 → {0.4, 0.3} = 2 (ReLU(−0.5) = 0)
+# 95 % of the weight:            class 0: 0.95 × 0.701 = 0.666, cumulative 0.6, 0.7 → 2; class 1: 0.665; 0.4, 0.7 → 2
+# the paper's local size (> 0.1): class 0 → {0.6} = 1 (0.1 is a tie, not counted), class 1 → {0.4, 0.3} = 2
 # global size (> 1e-3):          concept 0 peaks at 0.001 (a tie) → not counted; concepts 1, 2 → 2
 # sparsity (ReLU(W) ≤ 1e-3):     0.001 (tie, counted) and ReLU(-0.5) = 0 → 2 of 6 = 1/3
 #
@@ -51,14 +55,15 @@ from protoquant_hf.metrics import (
 #
 # top-k curve, labels [1, 1, 0] (full model: 3/3 correct):
 #   k = 1: rows keep [0, 0.6, 0] and [0, 0.4, 0] → class 0 wins every image → [0, 0, 0]: 1/3;
-#          local sizes 1, 1 → 1.0
+#          non-zero sizes 1, 1 → 1.0
 #          (masking the wrong axis, the top class per concept, keeps [0.001, 0.6, 0] and [0, 0, 0.3] → 3/3)
-#   k = 2: rows keep [0, 0.6, 0.1] and [0, 0.4, 0.3] → [1, 1, 0]: 3/3; local sizes 1, 2 → 1.5
-#   k = 3: W unmasked → 3/3; 1.5
+#   k = 2: rows keep [0, 0.6, 0.1] and [0, 0.4, 0.3] → [1, 1, 0]: 3/3; non-zero sizes 2, 2 → 2.0
+#          (the paper's > 0.1 count: 1, 2 → 1.5)
+#   k = 3: W unmasked → 3/3; non-zero sizes 3, 2 → 2.5 (the paper's: 1.5)
 WEIGHT = torch.tensor([[0.001, 0.6, 0.1], [-0.5, 0.4, 0.3]], dtype=torch.float64)
 SCORES = torch.tensor([[0.9, 0.002, 0.5], [0.0005, 0.2, 0.8], [0.3, 0.7, 0.001]], dtype=torch.float64)
 LABELS = torch.tensor([1, 1, 0])
-CURVE = [TopKPoint(1, 1 / 3, 1.0), TopKPoint(2, 1.0, 1.5), TopKPoint(3, 1.0, 1.5)]
+CURVE = [TopKPoint(1, 1 / 3, 1.0), TopKPoint(2, 1.0, 2.0), TopKPoint(3, 1.0, 2.5)]
 
 
 def test_local_size_counts_strictly_above_threshold_per_class():
@@ -66,6 +71,23 @@ def test_local_size_counts_strictly_above_threshold_per_class():
     assert local_size(WEIGHT, threshold=0.05).tolist() == [2, 2]  # the 0.1 entry counts once below it
     summary = local_size_summary(WEIGHT)
     assert (summary.mean, summary.min, summary.max) == (1.5, 1, 2)
+
+
+def test_the_headline_sizes_count_non_zero_weights_and_95_percent_of_the_weight():
+    assert nonzero_size(WEIGHT).tolist() == [3, 2]
+    assert weight_mass_size(WEIGHT).tolist() == [2, 2]
+    assert weight_mass_size(WEIGHT, mass=0.5).tolist() == [1, 1]  # 0.6 ≥ 0.3505; 0.4 ≥ 0.35
+
+
+def test_explanation_size_headline_ignores_the_scale_of_w_the_papers_local_size_does_not():
+    full = explanation_size(SCORES, WEIGHT, LABELS).to_dict()
+    headline = [f"{name}_size_{stat}" for name in ("nonzero", "mass95") for stat in ("mean", "min", "max")]
+    for scale in (1e-2, 7.0, 200.0):
+        scaled = explanation_size(SCORES, WEIGHT * scale, LABELS).to_dict()
+        assert scaled["accuracy"] == full["accuracy"]  # the same classifier
+        assert {key: scaled[key] for key in headline} == {key: full[key] for key in headline}
+    assert explanation_size(SCORES, WEIGHT * 1e-2).local_size_mean == 0.0  # the paper's count: anything wanted
+    assert explanation_size(SCORES, WEIGHT * 200.0).local_size_mean == 2.5  # = the non-zero size
 
 
 def test_global_size_and_sparsity_ratio():
@@ -99,6 +121,8 @@ def test_accuracy_top_k_on_hand_logits():
 
 def test_accuracy_vs_top_k_masks_each_class_row():
     assert accuracy_vs_top_k(SCORES, WEIGHT, LABELS, [1, 2, 3]) == pytest.approx(CURVE)
+    paper = accuracy_vs_top_k(SCORES, WEIGHT, LABELS, [1, 2, 3], threshold=0.1)
+    assert [point.mean_concepts_per_class for point in paper] == [1.0, 1.5, 1.5]
     assert [point.k for point in accuracy_vs_top_k(SCORES, WEIGHT, LABELS, [3, 1])] == [3, 1]
 
 
@@ -115,6 +139,8 @@ def test_explanation_size_gathers_everything():
     assert summary.to_dict() == pytest.approx(
         {
             "num_images": 3, "num_classes": 2, "num_concepts": 3, "accuracy": 1.0,
+            "nonzero_size_mean": 2.5, "nonzero_size_min": 2, "nonzero_size_max": 3,
+            "mass95_size_mean": 2.0, "mass95_size_min": 2, "mass95_size_max": 2,
             "local_size_mean": 1.5, "local_size_min": 1, "local_size_max": 2,
             "global_size": 2, "sparsity_ratio": 1 / 3, "anz": 7 / 3, "sim_anz_cc": 4 / 3,
             "top_k_curve": [point._asdict() for point in CURVE],
@@ -208,6 +234,7 @@ def test_explanation_size_module_returns_what_the_function_returns(metric_cache)
     expected = explanation_size(SCORES, WEIGHT, LABELS, ks=[1, 2, 3]).to_dict()
     result = metric.compute(concept_scores=SCORES.tolist(), references=LABELS.tolist(), weight=WEIGHT, ks=[1, 2, 3])
     assert result == expected
+    assert (result["nonzero_size_mean"], result["mass95_size_mean"], result["local_size_mean"]) == (2.5, 2.0, 1.5)
     # Streamed in batches of tensors, with the model's float32 parameter as the weight.
     scores, weight = SCORES.float(), torch.nn.Parameter(WEIGHT.float())
     metric.add_batch(concept_scores=scores[:2], references=LABELS[:2])

@@ -155,9 +155,13 @@ def test_summary_figures_are_those_of_the_saved_model(trained, image_folder):
     assert summary.accuracy == pytest.approx(float((logits.argmax(-1) == labels).float().mean()))
     assert summary.linear_probe_accuracy == pytest.approx(float((probe_logits.argmax(-1) == labels).float().mean()))
     assert summary.num_concepts == model.config.num_concepts
-    per_class = (torch.relu(model.classifier.weight) > 0.1).sum(dim=1)
-    assert summary.concepts_per_class.max == int(per_class.max()) <= 2  # top-2 sparsification
-    assert summary.concepts_per_class.mean == pytest.approx(float(per_class.float().mean()))
+    weight = torch.relu(model.classifier.weight.detach().double())
+    nonzero, paper = (weight > 0).sum(dim=1), (weight > 0.1).sum(dim=1)
+    per_class = summary.concepts_per_class
+    assert per_class.nonzero_max == int(nonzero.max()) <= 2  # top-2 sparsification
+    assert per_class.nonzero_mean == pytest.approx(float(nonzero.double().mean()))
+    assert 1 <= per_class.mass95_max <= per_class.nonzero_max
+    assert (per_class.paper_mean, per_class.paper_max) == (pytest.approx(float(paper.double().mean())), int(paper.max()))
     init, stage1 = summary.phases["init"], summary.phases["stage1"]
     assert init.usage.num_concepts == 8 and init.method == "class_kmeans"
     assert stage1.usage.num_concepts == 8 and stage1.epochs == 2

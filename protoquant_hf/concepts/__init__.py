@@ -2,7 +2,8 @@
 never each other.
 
 ``cache``    the on-disk feature cache (frozen-backbone feature maps, computed once)
-``stats``    `ConceptStats`: usage, nearest training patches, grounding, per-class presence in one pass
+``stats``    `ConceptStats`: usage, nearest training patches, grounding, per-class presence in one pass; how many
+             concepts each class uses (`concepts_per_class`, `concepts_for_weight_mass`)
 ``editing``  the only functions that change concepts or the concept→class weights
 ``edit_log`` user edits through those functions, each recorded in the edit log saved with the model
 """
@@ -20,10 +21,21 @@ from .editing import (
     set_weight,
     top_k_mask,
 )
-from .stats import ConceptStats, GroundingSummary, UsageSummary, concept_score_table, concepts_per_class
+from .stats import (
+    PAPER_WEIGHT_THRESHOLD,
+    WEIGHT_MASS,
+    ConceptStats,
+    GroundingSummary,
+    UsageSummary,
+    concept_score_table,
+    concepts_for_weight_mass,
+    concepts_per_class,
+)
 
 __all__ = [
     "EDIT_OPERATIONS",
+    "PAPER_WEIGHT_THRESHOLD",
+    "WEIGHT_MASS",
     "ConceptStats",
     "EditRecord",
     "FeatureCache",
@@ -32,6 +44,7 @@ __all__ = [
     "backbone_fingerprint",
     "cache_key",
     "concept_score_table",
+    "concepts_for_weight_mass",
     "concepts_per_class",
     "disable_concept",
     "edit_log",

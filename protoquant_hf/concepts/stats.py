@@ -1,10 +1,14 @@
-"""Per-concept statistics in one streaming pass: usage, nearest training patches, grounding, per-class presence.
+"""Per-concept statistics in one streaming pass: usage, nearest training patches, grounding, per-class presence;
+and how many concepts each class uses, read from the concept→class weights.
 
 Training (dead concepts, usage-based pruning, the grounding score), explanations (the codebook gallery: each
 concept's nearest training patches) and metrics all read the same `ConceptStats`, computed with the model's own
 forward (its cosine with ε, its τ), so no consumer re-derives a similarity of its own. Memory is bounded
 independently of the dataset size: counts and sums are (K,) and (C, K) tensors, and the nearest patches are a
 running top-n per concept.
+
+The training summary (hence the CLI table and the model card) and the metrics count concepts per class with
+`concepts_per_class` and `concepts_for_weight_mass`, so they cannot disagree.
 """
 
 from __future__ import annotations
@@ -225,9 +229,78 @@ def concept_score_table(model, features: FeatureCache, batch_size: int = 256, sh
     return torch.cat([model(feature_maps=maps.to(device)).concept_scores.float().cpu() for maps, _ in batches])
 
 
-def concepts_per_class(model, threshold: float = 0.1) -> torch.Tensor:
-    """Number of concepts with ReLU(W) > threshold, per class `(C,)` (the paper's local size)."""
-    return (F.relu(model.classifier.weight.detach()) > threshold).sum(dim=1)
+# ---- how many concepts each class uses: functions of the concept→class weights W (C, K) ----------------
+#
+# Logits are s · ReLU(W)ᵀ, so W and c·W (c > 0) make the same predictions. A count of weights above a fixed
+# threshold is then not a property of the classifier: rescaling W moves it anywhere. The counts below that do
+# not depend on the scale are the headline; the paper's threshold count is kept as its secondary figure.
+
+PAPER_WEIGHT_THRESHOLD = 0.1
+"""The paper's local size counts ReLU(W) > 0.1 (official code, ``analyze_local_size.py``). Secondary only: it is
+not scale-invariant, so it says nothing without the scale of W."""
+
+WEIGHT_MASS = 0.95
+"""The share of a class's total ReLU(W) weight that `concepts_for_weight_mass` counts the concepts of."""
 
 
-__all__ = ["ConceptStats", "GroundingSummary", "UsageSummary", "concept_score_table", "concepts_per_class"]
+def _positive_weight(weight) -> torch.Tensor:
+    """ReLU(W) as CPU float64: a threshold then means the same number for every dtype (an entry stored as
+    float32(0.1) is slightly above 0.1), and counting is cheap for W on any device."""
+    weight = torch.as_tensor(weight).detach()
+    if weight.dim() != 2 or weight.shape[1] == 0:
+        raise ValueError(
+            f"weight must be the (num_classes, num_concepts) concept→class matrix with at least one concept; "
+            f"got shape {tuple(weight.shape)}."
+        )
+    return F.relu(weight.to("cpu", torch.float64))
+
+
+def concepts_per_class(weight, threshold: float = 0.0) -> torch.Tensor:
+    """`(C,)` per class, the number of concepts with ReLU(W_ck) > `threshold`.
+
+    The default counts the non-zero weights, the headline sparsity measure: the concepts a class's logit can use
+    at all (after top-k sparsification the others are exactly 0). It is scale-invariant. Only exact zeros (and
+    negative weights, which ReLU makes zeros) are left out: a weight of 1e-30 counts.
+
+    ``threshold=PAPER_WEIGHT_THRESHOLD`` gives the paper's local size, its secondary figure, which rescaling W changes.
+
+    Args:
+        weight: `(C, K)` concept→class weights (``model.classifier.weight``), any dtype and device.
+        threshold: strict lower bound on a weight that counts, >= 0.
+    """
+    if not threshold >= 0:  # a negative threshold would count every entry, zeros included
+        raise ValueError(f"threshold must be >= 0, got {threshold}.")
+    return (_positive_weight(weight) > threshold).sum(dim=1)
+
+
+def concepts_for_weight_mass(weight, mass: float = WEIGHT_MASS) -> torch.Tensor:
+    """`(C,)` per class, the fewest concepts holding `mass` of the class's total ReLU(W) weight.
+
+    The class's weights sorted in decreasing order, the smallest n whose cumulative sum is >= mass × total; 0 for
+    a class with no positive weight. Meant for dense heads, whose weights are rarely exactly 0 although few concepts
+    carry most of the logit. Scale-invariant (a common factor scales the sums and the target alike; rounding can
+    only matter at an exact tie) and never above the non-zero count.
+
+    Args:
+        weight: `(C, K)` concept→class weights, any dtype and device.
+        mass: the share of the total weight to hold, in (0, 1].
+    """
+    if not 0 < mass <= 1:
+        raise ValueError(f"mass must be in (0, 1], got {mass}.")
+    cumulative = _positive_weight(weight).sort(dim=1, descending=True).values.cumsum(dim=1)
+    # The total is the cumulative sum's own end, so rounding cannot put the target out of reach (e.g. mass = 1).
+    total = cumulative[:, -1]
+    needed = (cumulative < mass * total.unsqueeze(1)).sum(dim=1) + 1
+    return torch.where(total > 0, needed, 0)
+
+
+__all__ = [
+    "PAPER_WEIGHT_THRESHOLD",
+    "WEIGHT_MASS",
+    "ConceptStats",
+    "GroundingSummary",
+    "UsageSummary",
+    "concept_score_table",
+    "concepts_for_weight_mass",
+    "concepts_per_class",
+]

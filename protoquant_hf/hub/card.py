@@ -132,9 +132,8 @@ def render_model_card(
             stage1 = summary.phases["stage1"].accuracy
             metric("stage-1 quantized accuracy (codebook through the frozen head)", round(stage1, 4), "accuracy", f"{stage1:.4f}")
         if summary.concepts_per_class is not None:
-            per_class = summary.concepts_per_class
-            metric(f"concepts per class (ReLU(W) > {per_class.threshold:g}), mean", round(per_class.mean, 2),
-                   "concepts_per_class", f"{per_class.mean:.1f} (max {per_class.max})")
+            for key, label, mean, maximum in summary.concepts_per_class.figures():
+                metric(f"{label}, mean", round(mean, 2), key, f"{mean:.1f} (max {maximum})")
         if summary.grounding is not None:
             grounding = summary.grounding
             metric("grounding: min over concepts of the best cosine to a training patch", round(grounding.min, 4),

@@ -4,7 +4,8 @@ Per-concept statistics over images (usage, nearest training patches, the groundi
 `protoquant_hf.concepts.ConceptStats` and are not re-implemented here.
 
 ``size``              pure functions of presence scores `(N, K)` and weights `(C, K)`: accuracy and explanation size
-                      (local/global size, sparsity, ANZ, SimANZCC, the top-k curve); they never run the model
+                      (concepts per class: non-zero and 95 %-of-weight sizes, the paper's local size; PIP-Net's
+                      global size, sparsity, ANZ, SimANZCC; the top-k curve); they never run the model
 ``stability``         perturbation benchmarks that run the model on images: masked PGD and the spatial-misalignment
                       metrics (PAC, PRC, PLC, AC), Gaussian-noise stability, Huang et al.'s consistency
 ``purity``            PIP-Net's part purity on part-annotated images
@@ -26,9 +27,11 @@ from .size import (
     global_size,
     local_size,
     local_size_summary,
+    nonzero_size,
     pipnet_presence,
     sim_anz_cc,
     sparsity_ratio,
+    weight_mass_size,
 )
 from .stability import (
     ConsistencyResult,
@@ -65,9 +68,11 @@ __all__ = [
     "local_size_summary",
     "masked_pgd",
     "noise_stability",
+    "nonzero_size",
     "part_purity",
     "pipnet_presence",
     "sim_anz_cc",
     "sparsity_ratio",
     "spatial_misalignment",
+    "weight_mass_size",
 ]

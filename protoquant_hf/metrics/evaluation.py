@@ -83,11 +83,16 @@ class EvaluationReport:
     def rows(self) -> list[tuple[str, str]]:
         """(metric, value) rows of the headline figures."""
         size = self.size
-        rows = [
-            ("accuracy", f"{size['accuracy']:.4f}"),
-            ("concepts K", str(size["num_concepts"])),
-            ("local size (concepts per class, ReLU(W) > 0.1)",
-             f"mean {size['local_size_mean']:.1f}, min {size['local_size_min']}, max {size['local_size_max']}"),
+
+        def per_class(name: str) -> str:
+            return f"mean {size[name + '_mean']:.1f}, min {size[name + '_min']}, max {size[name + '_max']}"
+
+        rows = [("accuracy", f"{size['accuracy']:.4f}"), ("concepts K", str(size["num_concepts"]))]
+        if "nonzero_size_mean" in size:  # reports written before the scale-invariant sizes have only the paper's
+            rows += [("concepts per class (non-zero weights)", per_class("nonzero_size")),
+                     ("concepts per class holding 95 % of the weight", per_class("mass95_size"))]
+        rows += [
+            ("local size, the paper's count (concepts per class with ReLU(W) > 0.1)", per_class("local_size")),
             ("global size (concepts with a class weight > 1e-3)", str(size["global_size"])),
             ("sparsity ratio (weights ≤ 1e-3)", f"{size['sparsity_ratio']:.3f}"),
             ("ANZ (concepts present per image, s > 1e-3)", f"{size['anz']:.1f}"),
@@ -122,7 +127,7 @@ class EvaluationReport:
         curve = self.size.get("top_k_curve") or []
         if curve:
             lines += ["", "Accuracy when each class keeps only its top-k concepts (weights masked, no retraining):", "",
-                      "| k | accuracy | concepts per class |", "|---|---|---|"]
+                      "| k | accuracy | concepts per class (non-zero weights) |", "|---|---|---|"]
             lines += [f"| {p['k']} | {p['accuracy']:.4f} | {p['mean_concepts_per_class']:.1f} |" for p in curve]
         return "\n".join(lines) + "\n"
 

@@ -1,11 +1,15 @@
 """Accuracy and explanation size of a ProtoQuant classifier, as pure functions of its tensors.
 
 Everything here reads the presence scores s `(N, K)` (``outputs.concept_scores``) and the concept→class
-weight W `(C, K)` (``model.classifier.weight``); logits are s · ReLU(W)ᵀ (method §3.7). Two families of
+weight W `(C, K)` (``model.classifier.weight``); logits are s · ReLU(W)ᵀ (method §3.7). Three families of
 definitions coexist and are named after their source (method §7.2):
 
-- **ProtoQuant's own** (official code, ``analyze_local_size.py``): local size per class with ReLU(W) > 0.1
-  and the top-k accuracy curve (§5.5).
+- **The headline, scale-invariant sizes** (this package): concepts per class with a non-zero weight
+  (`nonzero_size`) and the fewest concepts holding 95 % of a class's weight (`weight_mass_size`). W and c·W
+  (c > 0) make the same predictions, so a size that rescaling W changes is not a property of the classifier;
+  these two are not changed by it. Both count with `protoquant_hf.concepts`, as training does.
+- **ProtoQuant's own** (official code, ``analyze_local_size.py``): the paper's local size per class with
+  ReLU(W) > 0.1 (`local_size`, a secondary figure: rescaling W moves it anywhere) and the top-k accuracy curve (§5.5).
 - **PIP-Net benchmark** (official code, ``other_benchmarks/purity_benchmark/pipnet/test.py``): global size,
   sparsity ratio, ANZ and SimANZCC, all with the threshold 1e-3. That benchmark evaluates ProtoQuant through
   an adapter whose presence scores are floored (`pipnet_presence`).
@@ -26,8 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from ..concepts.editing import top_k_mask
+from ..concepts.stats import PAPER_WEIGHT_THRESHOLD, WEIGHT_MASS, concepts_for_weight_mass, concepts_per_class
 
-LOCAL_SIZE_THRESHOLD = 0.1  # ProtoQuant's own local size (method §5.5, §7.2)
 PIPNET_THRESHOLD = 1e-3  # PIP-Net benchmark: global size, sparsity, ANZ, SimANZCC (method §7.2)
 PIPNET_PRESENCE_FLOOR = 0.1  # PIP-Net adapter: presence scores below this are set to 0 (method §7.2)
 
@@ -146,35 +150,64 @@ def accuracy(logits, labels, top_k: int = 1) -> float:
     return _accuracy(logits.to("cpu", torch.float64), labels, top_k)
 
 
-# --- sizes of the concept→class weights (ProtoQuant's own and PIP-Net's definitions) ---
+# --- sizes of the concept→class weights (the headline, ProtoQuant's own and PIP-Net's definitions) ---
 
 
 @dataclass
 class LocalSizeSummary:
-    """Local size over classes (method §5.5: the class mean, plus min and max)."""
+    """A per-class size over classes (method §5.5: the class mean, plus min and max)."""
 
     mean: float
     min: int
     max: int
 
+    @classmethod
+    def from_sizes(cls, sizes: torch.Tensor) -> "LocalSizeSummary":
+        return cls(mean=float(sizes.double().mean()), min=int(sizes.min()), max=int(sizes.max()))
 
-def local_size(weight, threshold: float = LOCAL_SIZE_THRESHOLD) -> torch.Tensor:
+
+def nonzero_size(weight) -> torch.Tensor:
+    """`(C,)` per class, the number of concepts with a non-zero ReLU(W_ck): the headline size.
+
+    Exact zeros only (after top-k sparsification, the concepts a class cannot use); scale-invariant.
+
+    Args:
+        weight: `(C, K)` concept→class weights (``model.classifier.weight``).
+    """
+    return concepts_per_class(_check_weight(weight))
+
+
+def weight_mass_size(weight, mass: float = WEIGHT_MASS) -> torch.Tensor:
+    """`(C,)` per class, the fewest concepts holding `mass` (95 %) of the class's total ReLU(W) weight.
+
+    The size of a dense head, whose weights are rarely exactly 0; scale-invariant; 0 for a class with no positive
+    weight. See `protoquant_hf.concepts.concepts_for_weight_mass`.
+
+    Args:
+        weight: `(C, K)` concept→class weights.
+        mass: the share of the total weight to hold, in (0, 1].
+    """
+    return concepts_for_weight_mass(_check_weight(weight), mass)
+
+
+def local_size(weight, threshold: float = PAPER_WEIGHT_THRESHOLD) -> torch.Tensor:
     """`(C,)` per class, the number of concepts with ReLU(W_ck) > threshold.
 
-    ProtoQuant's own local size (official code, ``analyze_local_size.py``; method §5.5, §7.2), threshold 0.1.
+    ProtoQuant's own local size (official code, ``analyze_local_size.py``; method §5.5, §7.2), threshold 0.1: the
+    paper's figure, kept for comparison with it. Not scale-invariant (c·W predicts the same and counts
+    differently); `nonzero_size` is the headline.
 
     Args:
         weight: `(C, K)` concept→class weights (``model.classifier.weight``).
         threshold: strict lower bound on a weight that counts.
     """
     weight, threshold = _check_weight(weight), _check_threshold(threshold)
-    return (F.relu(weight) > threshold).sum(dim=1)
+    return concepts_per_class(weight, threshold)
 
 
-def local_size_summary(weight, threshold: float = LOCAL_SIZE_THRESHOLD) -> LocalSizeSummary:
-    """Mean, min and max over classes of `local_size(weight, threshold)`."""
-    sizes = local_size(weight, threshold)
-    return LocalSizeSummary(mean=float(sizes.double().mean()), min=int(sizes.min()), max=int(sizes.max()))
+def local_size_summary(weight, threshold: float = PAPER_WEIGHT_THRESHOLD) -> LocalSizeSummary:
+    """Mean, min and max over classes of `local_size(weight, threshold)` (the paper's local size by default)."""
+    return LocalSizeSummary.from_sizes(local_size(weight, threshold))
 
 
 def global_size(weight, threshold: float = PIPNET_THRESHOLD) -> int:
@@ -264,16 +297,15 @@ def pipnet_presence(concept_scores, floor: float = PIPNET_PRESENCE_FLOOR) -> tor
 
 
 class TopKPoint(NamedTuple):
-    """One point of the top-k curve: k concepts kept per class, the accuracy, and the mean local size."""
+    """One point of the top-k curve: k concepts kept per class, the accuracy, and the class mean of the concepts
+    the masked W uses (by default its non-zero weights: at most k)."""
 
     k: int
     accuracy: float
     mean_concepts_per_class: float
 
 
-def accuracy_vs_top_k(
-    concept_scores, weight, labels, ks: Sequence[int], threshold: float = LOCAL_SIZE_THRESHOLD
-) -> list[TopKPoint]:
+def accuracy_vs_top_k(concept_scores, weight, labels, ks: Sequence[int], threshold: float = 0.0) -> list[TopKPoint]:
     """Accuracy when every class keeps only its k largest weights, for each k (method §5.5).
 
     W is masked with `top_k_mask(weight, k)` (the library's one definition of top-k concepts per class) and
@@ -285,11 +317,12 @@ def accuracy_vs_top_k(
         weight: `(C, K)` concept→class weights.
         labels: `(N,)` class indices.
         ks: the k values, each in [1, K].
-        threshold: the local-size threshold for `mean_concepts_per_class`.
+        threshold: a weight of the masked W counts in `mean_concepts_per_class` when above it: 0 counts the
+            non-zero weights (the headline size), `PAPER_WEIGHT_THRESHOLD` gives the paper's local size.
 
     Returns:
         One `TopKPoint(k, accuracy, mean_concepts_per_class)` per k, in the order given;
-        `mean_concepts_per_class` is the class mean of `local_size` of the masked W.
+        `mean_concepts_per_class` is the class mean of `local_size(masked W, threshold)`.
     """
     weight = _check_weight(weight)
     scores = _check_scores(concept_scores, weight)
@@ -318,7 +351,12 @@ class ExplanationSize:
     Attributes:
         num_images / num_classes / num_concepts: N, C and K.
         accuracy: top-1 accuracy (None without labels).
-        local_size_mean / local_size_min / local_size_max: ProtoQuant's local size over classes (ReLU(W) > 0.1).
+        nonzero_size_mean / nonzero_size_min / nonzero_size_max: the headline size over classes, concepts with a
+            non-zero weight (`nonzero_size`; scale-invariant).
+        mass95_size_mean / mass95_size_min / mass95_size_max: the fewest concepts holding 95 % of each class's
+            weight (`weight_mass_size`; scale-invariant, meaningful for dense heads).
+        local_size_mean / local_size_min / local_size_max: the paper's local size over classes (ReLU(W) > 0.1), a
+            secondary figure for comparison with the paper: rescaling W changes it.
         global_size: PIP-Net's global size (concepts with some class weight > 1e-3).
         sparsity_ratio: PIP-Net's fraction of weights ≤ 1e-3.
         anz: PIP-Net's ANZ (mean concepts per image with s_k > 1e-3).
@@ -330,6 +368,12 @@ class ExplanationSize:
     num_classes: int
     num_concepts: int
     accuracy: float | None
+    nonzero_size_mean: float
+    nonzero_size_min: int
+    nonzero_size_max: int
+    mass95_size_mean: float
+    mass95_size_min: int
+    mass95_size_max: int
     local_size_mean: float
     local_size_min: int
     local_size_max: int
@@ -367,15 +411,23 @@ def explanation_size(concept_scores, weight, labels=None, *, ks: Sequence[int] =
         raise ValueError("The top-k curve (ks) needs labels.")
     if ks:
         ks = _check_ks(ks, checked_weight.shape[1])
-    sizes = local_size_summary(checked_weight)
+    nonzero = LocalSizeSummary.from_sizes(nonzero_size(checked_weight))
+    mass95 = LocalSizeSummary.from_sizes(weight_mass_size(checked_weight))
+    paper = local_size_summary(checked_weight)
     return ExplanationSize(
         num_images=scores.shape[0],
         num_classes=checked_weight.shape[0],
         num_concepts=checked_weight.shape[1],
         accuracy=None if labels is None else _accuracy(_logits(scores, checked_weight), labels),
-        local_size_mean=sizes.mean,
-        local_size_min=sizes.min,
-        local_size_max=sizes.max,
+        nonzero_size_mean=nonzero.mean,
+        nonzero_size_min=nonzero.min,
+        nonzero_size_max=nonzero.max,
+        mass95_size_mean=mass95.mean,
+        mass95_size_min=mass95.min,
+        mass95_size_max=mass95.max,
+        local_size_mean=paper.mean,
+        local_size_min=paper.min,
+        local_size_max=paper.max,
         global_size=global_size(checked_weight),
         sparsity_ratio=sparsity_ratio(checked_weight),
         anz=anz(scores),
@@ -395,7 +447,9 @@ __all__ = [
     "global_size",
     "local_size",
     "local_size_summary",
+    "nonzero_size",
     "pipnet_presence",
     "sim_anz_cc",
     "sparsity_ratio",
+    "weight_mass_size",
 ]

@@ -15,7 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..concepts import GroundingSummary, UsageSummary
+from ..concepts import (
+    PAPER_WEIGHT_THRESHOLD,
+    GroundingSummary,
+    UsageSummary,
+    concepts_for_weight_mass,
+    concepts_per_class,
+)
 
 SUMMARY_FILE = "training_summary.json"
 
@@ -44,13 +50,55 @@ class PhaseResult:
         return _from_jsonable(PhaseResult, data)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ConceptsPerClass:
-    """How many concepts each class uses: ReLU(W) > `threshold` (the paper's local size)."""
+    """How many concepts each class's logit uses, by three counts of its ReLU(W) weights (mean and max over classes).
 
-    mean: float
-    max: int
-    threshold: float = 0.1
+    Attributes:
+        nonzero_mean / nonzero_max: the headline: concepts with a non-zero weight (`concepts_per_class`). After
+            top-k sparsification these are the concepts a class can use at all. Scale-invariant: c·W (c > 0) makes
+            the same predictions and has the same count.
+        mass95_mean / mass95_max: the fewest concepts holding 95 % of the class's total weight
+            (`concepts_for_weight_mass`), which still says something about a dense head. Scale-invariant too.
+        paper_mean / paper_max: the paper's local size, ReLU(W) > `paper_threshold`, kept as its secondary figure
+            for comparison with the paper. Rescaling W changes it, so it can be made as small as wanted.
+        paper_threshold: that threshold (0.1).
+
+    Summaries written before the scale-invariant counts existed hold only the paper's figure, under the keys
+    "mean", "max" and "threshold" (`renamed_keys`); they load with the other fields None.
+    """
+
+    nonzero_mean: float | None = None
+    nonzero_max: int | None = None
+    mass95_mean: float | None = None
+    mass95_max: int | None = None
+    paper_mean: float
+    paper_max: int
+    paper_threshold: float = PAPER_WEIGHT_THRESHOLD
+    renamed_keys: ClassVar[dict[str, str]] = {"mean": "paper_mean", "max": "paper_max", "threshold": "paper_threshold"}
+
+    @classmethod
+    def from_weight(cls, weight) -> "ConceptsPerClass":
+        """The three counts of a `(C, K)` concept→class weight matrix (``model.classifier.weight``)."""
+        nonzero = concepts_per_class(weight)
+        mass = concepts_for_weight_mass(weight)  # 95 % (WEIGHT_MASS)
+        paper = concepts_per_class(weight, PAPER_WEIGHT_THRESHOLD)
+        return cls(
+            nonzero_mean=float(nonzero.double().mean()), nonzero_max=int(nonzero.max()),
+            mass95_mean=float(mass.double().mean()), mass95_max=int(mass.max()),
+            paper_mean=float(paper.double().mean()), paper_max=int(paper.max()), paper_threshold=PAPER_WEIGHT_THRESHOLD,
+        )
+
+    def figures(self) -> list[tuple[str, str, float, int]]:
+        """(key, label, mean, max) of each count this summary holds, the headline first: the one wording of
+        the CLI table and the model card (the key is the card's metric type)."""
+        figures = [
+            ("nonzero_concepts_per_class", "concepts per class (non-zero weights)", self.nonzero_mean, self.nonzero_max),
+            ("concepts_per_class_95_weight", "concepts per class holding 95 % of the weight", self.mass95_mean, self.mass95_max),
+            ("paper_concepts_per_class", f"concepts per class, the paper's count (ReLU(W) > {self.paper_threshold:g})",
+             self.paper_mean, self.paper_max),
+        ]
+        return [figure for figure in figures if figure[2] is not None]
 
 
 @dataclass(kw_only=True)
@@ -230,7 +278,8 @@ def _to_jsonable(value: Any) -> Any:
 
 def _from_jsonable(hint: Any, data: Any) -> Any:
     """Rebuild `data` as the type `hint` (dataclasses, PhaseResult subclasses by their "type",
-    optionals, lists and dicts of them)."""
+    optionals, lists and dicts of them). Keys the dataclass does not know are left out, and a dataclass may
+    map the keys of earlier versions to its fields (`renamed_keys`), so older summaries still load."""
     if data is None:
         return None
     origin = typing.get_origin(hint)
@@ -247,6 +296,8 @@ def _from_jsonable(hint: Any, data: Any) -> Any:
         data = dict(data)
         hint = PhaseResult.registry[data.pop("type")]
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        renamed = getattr(hint, "renamed_keys", {})  # keys of summaries written by earlier versions
+        data = {renamed.get(name, name): value for name, value in data.items()}
         hints = typing.get_type_hints(hint)
         return hint(**{name: _from_jsonable(hints[name], value) for name, value in data.items() if name in hints})
     return data

@@ -11,9 +11,11 @@ import torch
 from protoquant_hf.metrics.size import explanation_size
 
 _DESCRIPTION = """
-The explanation size of a ProtoQuant classifier (method §7.2): ProtoQuant's local size (concepts per class with
-ReLU(W) > 0.1, mean/min/max), PIP-Net's global size, sparsity ratio, ANZ and SimANZCC (threshold 1e-3), the
-top-1 accuracy when references are given, and the top-k accuracy curve when `ks` is given too.
+The explanation size of a ProtoQuant classifier (method §7.2): concepts per class with a non-zero weight (the
+headline, scale-invariant) and the fewest concepts holding 95 % of each class's weight (mean/min/max), the paper's
+local size (concepts per class with ReLU(W) > 0.1, a secondary figure that rescaling W changes), PIP-Net's global
+size, sparsity ratio, ANZ and SimANZCC (threshold 1e-3), the top-1 accuracy when references are given, and the
+top-k accuracy curve when `ks` is given too.
 """
 
 _KWARGS_DESCRIPTION = """
