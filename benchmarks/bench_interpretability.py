@@ -3,13 +3,13 @@
 For each dataset and seed, two runs of the same job on the same frozen bundled backbone with the same epochs:
   protoquant  --concept_training quantized (k-means concepts, stage 1 through the frozen head, frozen in stage 2)
   baseline    --concept_training free      (PIP-Net-style free prototypes from a random start, trained with W)
-then `evaluate_model` on the test split: accuracy, local size, grounding, the spatial-misalignment benchmark (PAC,
+then `evaluate_model` on the test split: accuracy, concepts per class, grounding, the spatial-misalignment benchmark (PAC,
 PRC, PLC, AC; masked PGD ε 0.4, step 0.01, 40 iterations), Gaussian-noise stability (std 0.2), and on the part-
 annotated synthetic dataset Huang et al.'s consistency and PIP-Net's part purity. Prints a markdown table of
 mean and range over seeds and writes every report to --json.
 
     python benchmarks/bench_interpretability.py --datasets synthetic-parts animal-mnist --seeds 0 1 2 \\
-        --json benchmarks/interpretability.json
+        --json benchmarks/interpretability_128.json
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ METHODS = {"protoquant": "quantized", "baseline": "free"}
 # (label, report section, key, format)
 METRICS = [
     ("accuracy", "size", "accuracy", "{:.4f}"),
-    ("local size (ReLU(W) > 0.1)", "size", "local_size_mean", "{:.1f}"),
+    ("concepts per class (non-zero weights)", "size", "nonzero_size_mean", "{:.1f}"),
+    ("concepts per class holding 95 % of the weight", "size", "mass95_size_mean", "{:.1f}"),
+    ("local size, the paper's count (ReLU(W) > 0.1)", "size", "local_size_mean", "{:.1f}"),
     ("grounding mean", "grounding", "mean", "{:.3f}"),
     ("grounding min", "grounding", "min", "{:.3f}"),
     ("PAC % ↓", "misalignment", "mean_pac", "{:.1f}"),
