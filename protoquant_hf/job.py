@@ -56,6 +56,7 @@ from .modeling_protoquant import ProtoQuantForImageClassification, ProtoQuantMod
 from .output_folder import check_destination, crash_point, is_complete, mark_complete, publish, work_folder, write_lock
 from .training.arguments import DataArguments, ModelArguments, ProtoQuantTrainingArguments
 from .training.concept_init import initialize_concepts
+from .training.grounding import ConceptProjector, GroundedConcepts, grounding_bank
 from .training.loop import AugmentedImages, Objective, accuracy, broadcast_tensor, fit
 from .training.objectives import mix_batch, model_objective
 from .training.probe import fit_linear_probe
@@ -136,6 +137,7 @@ class RunContext:
     phase_started: float = field(default_factory=time.perf_counter)
     stage1_usage: torch.Tensor | None = None  # counted after stage 1, reused by the prune phase
     final_stats: ConceptStats | None = None  # of the final model (grounding pass), reused by gallery and figures
+    grounding_bank: torch.Tensor | None = None  # --grounding_radius: built once (main process) for both head phases
 
     @property
     def free_concepts(self) -> bool:
@@ -195,9 +197,13 @@ class RunContext:
             self.accelerator, lambda maps: model(feature_maps=maps, stage=stage).logits, self.test_cache, self.test_cache.labels
         )
 
-    def fit_stage(self, stage: str, objective: Objective, param_groups: list[dict], inputs, epochs: int, **kwargs) -> None:
+    def fit_stage(
+        self, stage: str, objective: Objective, param_groups: list[dict], inputs, epochs: int,
+        after_checkpoint: Callable[[], None] | None = None, **kwargs,
+    ) -> None:
         """Train one stage with evenly spaced checkpoints (epoch-based, so every process agrees),
-        continuing from the last one when the run is resumed there."""
+        continuing from the last one when the run is resumed there. `after_checkpoint()` follows each
+        checkpoint: state the checkpoint does not hold is rebuilt there, as a run resumed from it rebuilds it."""
         args, progress = self.args, self.progress
         every = max(1, math.ceil(epochs / args.checkpoints_per_stage))
         resuming = progress.phase == stage and progress.epoch > 0
@@ -207,6 +213,8 @@ class RunContext:
             progress.log.append(record)
             if (epoch + 1) % every == 0 or epoch + 1 == epochs:
                 self.checkpoint(stage, epoch + 1, with_optimizer=True)
+                if after_checkpoint is not None:
+                    after_checkpoint()
             if self.on_epoch_end is not None:
                 self.on_epoch_end(stage, epoch)
 
@@ -383,9 +391,23 @@ PHASES: tuple[Phase, ...] = (
 DONE = "done"
 
 
+def _grounded_concepts(ctx: RunContext) -> GroundedConcepts:
+    """`--grounding_radius`: the projector keeping the concepts grounded, with the bank on the main process only
+    (it projects for every process)."""
+    args, projector = ctx.args, None
+    if ctx.accelerator.is_main_process:
+        if ctx.grounding_bank is None:
+            bank = grounding_bank(ctx.train_cache, args.grounding_bank_size, seed=args.seed)
+            ctx.grounding_bank = bank.to(ctx.accelerator.device)
+        projector = ConceptProjector(ctx.grounding_bank, args.grounding_radius, args.grounding_refresh_steps)
+    return GroundedConcepts(ctx.model, ctx.accelerator, projector)
+
+
 def _train_head(ctx: RunContext, stage: str, epochs: int, **result_fields) -> HeadResult:
     """Head training. With frozen concepts and neither mixing nor augmentation the concept scores of
-    every training image are fixed, so they are computed once and the epochs train W on that table."""
+    every training image are fixed, so they are computed once and the epochs train W on that table.
+    With `--grounding_radius` the trained concepts are projected back into the grounded set after every
+    step and, exactly over the whole bank, at the end."""
     args, model = ctx.args, ctx.model
     train_concepts = args.train_concepts or ctx.free_concepts
     model.set_trainable("head", train_concepts=train_concepts)
@@ -402,7 +424,13 @@ def _train_head(ctx: RunContext, stage: str, epochs: int, **result_fields) -> He
         inputs, input_name = ctx.train_inputs, ctx.train_input_name
     else:
         inputs, input_name = concept_score_table(model, ctx.train_cache), "concept_scores"
-    ctx.fit_stage(stage, Objective(model, model_objective("head", input_name)), param_groups, inputs, epochs, transform_batch=mixing)
+    grounded = _grounded_concepts(ctx) if train_concepts and args.grounding_radius is not None else None
+    ctx.fit_stage(
+        stage, Objective(model, model_objective("head", input_name)), param_groups, inputs, epochs, transform_batch=mixing,
+        after_step=grounded.after_step if grounded else None, after_checkpoint=grounded.restart if grounded else None,
+    )
+    if grounded:
+        grounded.finish()
     model.set_trainable("head")
     return HeadResult(
         accuracy=ctx.test_accuracy(),

@@ -1,13 +1,15 @@
 """Two-stage ProtoQuant training: concept init, stage 1 (codebook), stage 2 (sparse head).
 
-The stages' building blocks (arguments, k-means init, linear probe, objectives, the Accelerate loop, the typed
-`TrainingSummary`) and `ProtoQuantTrainer`, the transformers `Trainer` front end. The main job that runs them with
-the gallery, figures and Hub bundle, `train_protoquant`, lives one level up (`protoquant_hf.job`) and is
-re-exported here. Feature caches, concept statistics and concept editing live in `protoquant_hf.concepts`.
+The stages' building blocks (arguments, k-means init, linear probe, objectives, grounded concept fine-tuning, the
+Accelerate loop, the typed `TrainingSummary`) and `ProtoQuantTrainer`, the transformers `Trainer` front end. The main
+job that runs them with the gallery, figures and Hub bundle, `train_protoquant`, lives one level up
+(`protoquant_hf.job`) and is re-exported here. Feature caches, concept statistics and concept editing live in
+`protoquant_hf.concepts`.
 """
 
 from .arguments import DataArguments, ModelArguments, ProtoQuantTrainingArguments
 from .concept_init import CONCEPT_INITS, initialize_concepts, spherical_kmeans
+from .grounding import ConceptProjector, grounding_bank, nearest_bank_vectors, project_to_cap
 from .objectives import mix_batch, model_objective, soft_cross_entropy
 from .probe import fit_linear_probe
 from .summary import TrainingSummary
@@ -26,6 +28,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "CONCEPT_INITS",
+    "ConceptProjector",
     "DataArguments",
     "ModelArguments",
     "PHASES",
@@ -35,10 +38,13 @@ __all__ = [
     "check_saved_model",
     "compute_accuracy",
     "fit_linear_probe",
+    "grounding_bank",
     "initialize_concepts",
     "mix_batch",
     "model_objective",
+    "nearest_bank_vectors",
     "prepare_trainer_datasets",
+    "project_to_cap",
     "soft_cross_entropy",
     "spherical_kmeans",
     "train_protoquant",

@@ -172,9 +172,38 @@ class ProtoQuantTrainingArguments:
     )
     train_concepts: bool = field(
         default=False,
-        metadata={"help": "Also fine-tune the concepts in stage 2 (official code default; destroys grounding)."},
+        metadata={
+            "help": "Also fine-tune the concepts in stage 2 and the sparsify retraining (official code default). Free "
+            "fine-tuning destroys grounding; --grounding_radius keeps it."
+        },
     )
     concept_lr: float = field(default=1e-4, metadata={"help": "Learning rate of the concepts when --train_concepts."})
+    grounding_radius: float | None = field(
+        default=None,
+        metadata={
+            "help": "Grounded concept fine-tuning, γ in (0, 1]; needs --train_concepts (or --concept_training free). "
+            "After every optimiser step of stage 2 and of the sparsify retraining, each concept whose cosine to "
+            "every bank vector (training feature vectors, --grounding_bank_size) is below γ is rotated toward its "
+            "nearest one until their cosine is γ (norm kept); the others are left as they are. Every concept's "
+            "grounding (max cosine to a training feature vector) then ends >= γ. 1.0: every concept is a real "
+            "training vector's direction. Left out: free fine-tuning."
+        },
+    )
+    grounding_bank_size: int = field(
+        default=50000,
+        metadata={
+            "help": "With --grounding_radius: the bank is at most this many training feature vectors, a seeded sample "
+            "of the cached ones, held in the cache's dtype on the main process (50 000 x 1280 float16: 128 MB)."
+        },
+    )
+    grounding_refresh_steps: int = field(
+        default=50,
+        metadata={
+            "help": "With --grounding_radius: every step projects against each concept's shortlist of its 8 nearest "
+            "bank vectors, recomputed over the whole bank every this many steps (and after every checkpoint, so a "
+            "resumed run gives the same model); each phase ends with an exact projection over the whole bank."
+        },
+    )
     mixup: bool = field(
         default=False, metadata={"help": "Mixup/CutMix (α 0.8/1.0, label smoothing 0.1) on the feature maps in stage 2."}
     )
@@ -234,7 +263,7 @@ class ProtoQuantTrainingArguments:
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}.")
         for name in ("checkpoints_per_stage", "batch_size", "extraction_batch_size", "kmeans_max_vectors",
-                     "kmeans_iterations", "prune_steps"):
+                     "kmeans_iterations", "prune_steps", "grounding_bank_size", "grounding_refresh_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}.")
         if self.prune_to is not None and self.prune_to < 1:
@@ -242,6 +271,14 @@ class ProtoQuantTrainingArguments:
         for name in ("stage1_lr", "stage2_lr", "concept_lr"):
             if not 0 < getattr(self, name) < math.inf:
                 raise ValueError(f"--{name} must be finite and > 0, got {getattr(self, name)}.")
+        if self.grounding_radius is not None:
+            if not 0 < self.grounding_radius <= 1:
+                raise ValueError(f"--grounding_radius must be a cosine in (0, 1], got {self.grounding_radius}.")
+            if not (self.train_concepts or self.concept_training == "free"):
+                raise ValueError(
+                    "--grounding_radius bounds how far fine-tuned concepts may move: pass --train_concepts with it "
+                    "(frozen concepts do not move)."
+                )
         if not 0 <= self.codebook_loss_weight < math.inf:
             raise ValueError(f"--codebook_loss_weight must be finite and >= 0, got {self.codebook_loss_weight}.")
         if not 0 <= self.warmup_ratio < 1:

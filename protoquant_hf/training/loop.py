@@ -132,6 +132,7 @@ def fit(
     start_epoch: int = 0,
     restore: Callable[[], None] | None = None,
     transform_batch: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
+    after_step: Callable[[], None] | None = None,
     on_epoch_end: Callable[[int, dict], None] | None = None,
     show_progress: bool = True,
 ) -> list[dict]:
@@ -143,6 +144,8 @@ def fit(
         start_epoch: epochs already done (resume); `restore()` then reloads the saved optimizer,
             scheduler and weights after `prepare`.
         transform_batch: optional (inputs, labels, rng) → (inputs, targets), e.g. Mixup/CutMix.
+        after_step: called after every optimizer step, on every process, e.g. to project the trained
+            parameters back into a constraint set.
         on_epoch_end: called with (epoch index, log record) after every epoch, e.g. to checkpoint.
         show_progress: one progress bar for the stage (epochs as steps, the loss in its postfix).
 
@@ -181,6 +184,8 @@ def fit(
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
+                if after_step is not None:
+                    after_step()
                 losses.append(loss.item())
             totals = global_sum(accelerator, torch.tensor([sum(losses), len(losses)], dtype=torch.float64))
             record = {
