@@ -15,6 +15,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from ..concepts import concepts_per_class
+
 HEATMAP = "inferno"
 CONCEPT_COLOURS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45", "#9a6324", "#469990")
 OTHER_COLOUR = "#bbbbbb"
@@ -180,7 +182,7 @@ def plot_codebook_overview(model, stats, path: str | Path | None = None) -> Figu
     axis.set_xlabel("concepts, most used first", fontsize=8)
 
     axis = axes[0, 1]
-    per_class = (weights > 0).sum(axis=1)
+    per_class = concepts_per_class(model.classifier.weight).numpy()  # the headline count: non-zero weights
     labels = [str(model.config.id2label[i]) for i in range(len(per_class))]
     axis.bar(range(len(per_class)), per_class, color=CONCEPT_COLOURS[1])
     axis.set_xticks(range(len(per_class)))
