@@ -23,10 +23,11 @@ import torch
 
 from .backbones import quiet_transformers
 from .concepts import ConceptStats, EditRecord, concept_score_table, edit_model, extract_features
-from .data import check_classes, load_image_dataset, make_image_transform
+from .data import check_split, load_image_dataset, make_image_transform
 from .explain.model_folder import is_model_folder, load_model_folder
 from .explanation_protoquant import ConceptGallery
 from .hub import export_bundle
+from .metrics import accuracy
 from .output_folder import check_destination, is_complete, mark_complete, publish, work_folder, write_lock
 
 # What is not copied from the input folder: rebuilt (gallery, bundle) or stale (figures and examples show the
@@ -52,15 +53,13 @@ class _FolderData:
     def __init__(self, model, processor, dataset: str, split: str, max_samples: int | None, show_progress: bool):
         self.model, self.processor, self.split, self.show_progress = model, processor, split, show_progress
         self.data = load_image_dataset(dataset, max_samples_per_split=max_samples)
-        if split not in self.data:
-            raise ValueError(f"The dataset has no {split!r} split; its splits are {sorted(self.data)}.")
-        check_classes(self.data[split], model.config.id2label, "accuracy is measured on data with the model's classes")
-        self.name = f"{dataset} ({split}, {len(self.data[split])} images)"
+        part = check_split(self.data, split, model.config.id2label, "accuracy is measured on data with the model's classes")
+        self.name = f"{dataset} ({split}, {len(part)} images)"
         self._caches = {}
+        model.use_fast_backbone()  # once: it checks the copy against the eager backbone
 
     def cache(self, split: str):
         if split not in self._caches:
-            self.model.use_fast_backbone()
             self._caches[split] = extract_features(
                 self.model, self.data[split], self.processor, make_image_transform(self.processor), split=split,
                 show_progress=self.show_progress,
@@ -69,9 +68,7 @@ class _FolderData:
 
     def accuracy(self, model) -> float:
         cache = self.cache(self.split)
-        scores = concept_score_table(model, cache)
-        logits = model(concept_scores=scores).logits
-        return float((logits.argmax(-1) == torch.from_numpy(cache.labels)).double().mean())
+        return accuracy(model(concept_scores=concept_score_table(model, cache)).logits, cache.labels)
 
     def usage(self, model) -> torch.Tensor:
         if "train" not in self.data:

@@ -5,7 +5,7 @@
 inputs with the backbone's own image processor.
 """
 
-from .datasets import BUNDLED_DATASETS, MIN_IMAGE_SIZE, check_classes, load_image_dataset
+from .datasets import BUNDLED_DATASETS, MIN_IMAGE_SIZE, check_split, load_image_dataset
 from .preprocessing import collate_fn, make_image_transform, random_augment, to_8bit, to_rgb, with_image_size
 from .synthetic_parts import SyntheticPartsConfig, generate_synthetic_parts, part_names
 
@@ -13,7 +13,7 @@ __all__ = [
     "BUNDLED_DATASETS",
     "MIN_IMAGE_SIZE",
     "SyntheticPartsConfig",
-    "check_classes",
+    "check_split",
     "collate_fn",
     "generate_synthetic_parts",
     "load_image_dataset",

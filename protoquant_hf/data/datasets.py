@@ -630,13 +630,18 @@ def load_image_dataset(
     return dataset
 
 
-def check_classes(split: Dataset, id2label: dict, purpose: str = "") -> None:
-    """Refuse a split whose classes are not a model's (`id2label`, e.g. ``model.config.id2label``): its labels would
-    mean other classes. `purpose` completes the message (why the classes must match)."""
+def check_split(dataset: DatasetDict, split: str, id2label: dict, purpose: str = "") -> Dataset:
+    """`dataset[split]`, refused with one clear error when the split is missing or its classes are not a model's
+    (`id2label`, e.g. ``model.config.id2label``: its labels would mean other classes). `purpose` completes the message
+    (why the classes must match)."""
+    if split not in dataset:
+        raise ValueError(f"The dataset has no {split!r} split; its splits are {sorted(dataset)}.")
+    split = dataset[split]
     names = [str(name) for name in split.features["label"].names]
     expected = [str(id2label[i]) for i in range(len(id2label))]
     if names != expected:
         raise ValueError(f"The dataset's classes {names} are not the model's {expected}" + (f": {purpose}." if purpose else "."))
+    return split
 
 
-__all__ = ["BUNDLED_DATASETS", "MIN_IMAGE_SIZE", "check_classes", "load_image_dataset"]
+__all__ = ["BUNDLED_DATASETS", "MIN_IMAGE_SIZE", "check_split", "load_image_dataset"]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-from ..data import check_classes, load_image_dataset
+from ..data import check_split, load_image_dataset
 from ..backbones import quiet_transformers
 from ..output_folder import check_destination, is_complete, mark_complete, publish, work_folder, write_lock
 from . import explain, load_gallery, write_figures
@@ -123,12 +123,10 @@ def add_gallery(
             )
         model, processor = load_model_folder(model_folder)
         data = load_image_dataset(dataset, max_samples_per_split=max_samples, **dataset_kwargs)
-        if split not in data:
-            raise ValueError(f"The dataset has no {split!r} split; its splits are {sorted(data)}.")
-        check_classes(data[split], model.config.id2label, "the gallery must come from the data the model was trained on")
+        part = check_split(data, split, model.config.id2label, "the gallery must come from the data the model was trained on")
         model.use_fast_backbone()
         gallery, stats = build_gallery(
-            model, data[split], processor, per_concept=per_concept, thumb_size=thumb_size, dataset_name=str(dataset),
+            model, part, processor, per_concept=per_concept, thumb_size=thumb_size, dataset_name=str(dataset),
             show_progress=show_progress,
         )
         if in_place:

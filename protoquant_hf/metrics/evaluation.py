@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..concepts import ConceptStats, concept_score_table, extract_features
-from ..data import check_classes, make_image_transform, part_names
+from ..data import check_split, make_image_transform, part_names
 from ..output_folder import check_destination, mark_complete, publish, work_folder, write_lock
 from .purity import part_purity
 from .size import explanation_size
@@ -171,10 +171,7 @@ def evaluate_model(
         settings: what to measure (`EvaluationSettings`).
     """
     settings = settings or EvaluationSettings()
-    if settings.split not in dataset:
-        raise ValueError(f"The dataset has no {settings.split!r} split; its splits are {sorted(dataset)}.")
-    split = dataset[settings.split]
-    check_classes(split, model.config.id2label, "evaluate a model on data with its own classes")
+    split = check_split(dataset, settings.split, model.config.id2label, "evaluate a model on data with its own classes")
     if model.config.num_concepts < 1:
         raise ValueError("The model has no concepts left: there is nothing to measure.")
     if settings.purity and "parts" not in split.column_names:
