@@ -16,8 +16,9 @@ from ..concepts import FeatureCache, set_concepts
 CONCEPT_INITS = ("kmeans", "class_kmeans", "samples", "orthogonal")
 
 
-def _unit(vectors: torch.Tensor) -> torch.Tensor:
-    return vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+def unit_vectors(vectors: torch.Tensor, min_norm: float = 1e-12) -> torch.Tensor:
+    """`vectors` scaled to unit norm along the last axis (a zero vector stays zero)."""
+    return vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(min_norm)
 
 
 def spherical_kmeans(
@@ -45,7 +46,7 @@ def spherical_kmeans(
             "--concept_init orthogonal."
         )
     generator = torch.Generator().manual_seed(seed)
-    unit = _unit(vectors.float())
+    unit = unit_vectors(vectors.float())
 
     # k-means++ seeding with cosine distance, on a subsample for speed.
     pool = unit[torch.randperm(num_vectors, generator=generator)[: min(num_vectors, 20 * num_clusters)]]
@@ -69,7 +70,7 @@ def spherical_kmeans(
         if empty.any():  # re-seed empty clusters with the worst-fitting vectors
             fit = (unit * centres[assignment]).sum(dim=1)
             sums[empty] = unit[fit.argsort()[: int(empty.sum())]]
-        centres = _unit(sums)
+        centres = unit_vectors(sums)
     assignment = assign(centres)
     counts = torch.bincount(assignment, minlength=num_clusters).clamp_min(1).unsqueeze(1)
     centroids = torch.zeros(num_clusters, vectors.shape[1]).index_add_(0, assignment, vectors.float()) / counts

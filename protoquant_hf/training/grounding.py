@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from ..concepts import FeatureCache, set_concepts
+from .concept_init import unit_vectors
 from .loop import broadcast_tensor
 
 # The projection works this far inside γ: the model measures grounding with its own float32 cosine (ε added to the
@@ -31,7 +32,8 @@ GROUNDING_MARGIN = 1e-5
 
 
 def _unit(vectors: torch.Tensor) -> torch.Tensor:
-    return vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+    # A smaller floor than k-means': projections run in float64, where norms far below 1e-12 are still exact.
+    return unit_vectors(vectors, min_norm=1e-30)
 
 
 def grounding_bank(cache: FeatureCache, max_vectors: int | None = None, seed: int = 0) -> torch.Tensor:
