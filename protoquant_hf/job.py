@@ -46,7 +46,7 @@ from .concepts import (
     remove_unused_concepts,
     set_concepts,
 )
-from .data import load_image_dataset, make_image_transform, with_image_size
+from .data import hold_out_validation, load_image_dataset, make_image_transform, with_image_size
 from .explain import ConceptGallery, build_gallery, write_figures
 from .hub import check_repo_and_token, export_bundle, push_bundle
 from .image_processing_protoquant import ProtoQuantImageProcessor
@@ -504,7 +504,7 @@ def _finish(work: Path, output_dir: Path, model, processor, summary: TrainingSum
 
 def load_dataset_for(data_args: DataArguments):
     """The dataset a run with these arguments trains and evaluates on."""
-    return load_image_dataset(
+    dataset = load_image_dataset(
         data_args.dataset,
         image_column=data_args.image_column,
         label_column=data_args.label_column,
@@ -512,6 +512,7 @@ def load_dataset_for(data_args: DataArguments):
         max_samples_per_split=data_args.max_samples_per_split,
         **({"name": data_args.dataset_config} if data_args.dataset_config else {}),
     )
+    return hold_out_validation(dataset, data_args.validation_split) if data_args.validation_split else dataset
 
 
 def _class_names(dataset) -> list[str]:

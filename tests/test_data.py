@@ -20,6 +20,7 @@ from protoquant_hf.data import (
     BUNDLED_DATASETS,
     MIN_IMAGE_SIZE,
     collate_fn,
+    hold_out_validation,
     load_image_dataset,
     make_image_transform,
     to_rgb,
@@ -182,6 +183,21 @@ def test_image_folder_single_split_gets_seeded_stratified_test_split(tmp_path):
     ]
     other_seed = load_image_dataset(root, test_size=0.4, seed=4, cache_dir=tmp_path / "cache")
     assert len(other_seed["test"]) == 4
+
+
+def test_hold_out_validation_replaces_test_with_a_stratified_part_of_train(tmp_path):
+    root = class_folder(tmp_path / "data", per_class=10)
+    dataset = load_image_dataset(root, test_size=0.2, seed=3, cache_dir=tmp_path / "cache")  # 16 train / 4 test
+    held = hold_out_validation(dataset, 0.25)
+    assert {split: len(part) for split, part in held.items()} == {"train": 12, "test": 4}
+    assert sorted(held["test"]["label"]) == [0, 0, 1, 1]  # stratified
+    pixels = lambda part: sorted(np.asarray(image).tobytes() for image in part["image"])  # noqa: E731
+    assert sorted(pixels(held["train"]) + pixels(held["test"])) == pixels(dataset["train"])
+    assert not set(pixels(held["test"])) & set(pixels(dataset["test"]))  # the real test images are gone
+    assert "validation" in held["test"].info.description
+    assert pixels(hold_out_validation(dataset, 0.25)["test"]) == pixels(held["test"])  # fixed by its seed
+    with pytest.raises(ValueError, match=r"\(0, 1\)"):
+        hold_out_validation(dataset, 1.0)
 
 
 def test_load_dataset_path_with_renamed_string_labels_and_validation_split(tmp_path):

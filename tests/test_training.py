@@ -17,7 +17,7 @@ from transformers import AutoModel, AutoModelForImageClassification, BitImagePro
 from protoquant_hf import ProtoQuantForImageClassification, ProtoQuantImageProcessor, load_image_dataset
 from protoquant_hf.concepts import ConceptStats, FeatureCache, extract_features, prune_by_usage
 from protoquant_hf.explain import ConceptGallery
-from protoquant_hf.data import make_image_transform, with_image_size
+from protoquant_hf.data import hold_out_validation, make_image_transform, with_image_size
 from protoquant_hf.modeling_protoquant import ProtoQuantModel
 from protoquant_hf.training import (
     DataArguments,
@@ -447,6 +447,24 @@ def test_training_options_change_what_they_say(image_folder, backbone_folder, tm
     layer_summary, layer = run("layer", model_kwargs={"backbone_feature_layer": 1})
     assert layer_summary.dataset.feature_map[0] == 8 == layer.codebook.concepts.shape[1]
     assert layer.config.backbone_feature_layer == 1
+
+
+def test_validation_split_trains_on_the_rest_and_reports_the_held_out_part(image_folder, backbone_folder, tmp_path):
+    """--validation_split: every accuracy is measured on held-out training images, never on the test split."""
+    data, model, training = run_args(image_folder, backbone_folder, tmp_path / "val")
+    data.validation_split = 0.25
+    summary = train_protoquant(data, model, training)
+    dataset = load_image_dataset(str(image_folder))
+    held_out = hold_out_validation(dataset, 0.25)
+    assert (summary.dataset.train_size, summary.dataset.test_size) == (len(held_out["train"]), len(held_out["test"]))
+    assert summary.dataset.train_size + summary.dataset.test_size == len(dataset["train"])
+    assert summary.dataset.test_split.startswith("validation")
+    saved = _final_model(tmp_path / "val").eval()
+    batch = held_out["test"].with_transform(make_image_transform(ProtoQuantImageProcessor.from_pretrained(tmp_path / "val")))
+    batch = batch[: len(batch)]
+    with torch.no_grad():
+        predictions = saved(pixel_values=batch["pixel_values"]).logits.argmax(-1)
+    assert summary.accuracy == pytest.approx(float((predictions == batch["labels"]).float().mean()))
 
 
 def test_random_augment_is_seeded_and_keeps_size():

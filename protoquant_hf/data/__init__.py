@@ -5,7 +5,7 @@
 inputs with the backbone's own image processor.
 """
 
-from .datasets import BUNDLED_DATASETS, MIN_IMAGE_SIZE, check_split, load_image_dataset
+from .datasets import BUNDLED_DATASETS, MIN_IMAGE_SIZE, check_split, hold_out_validation, load_image_dataset
 from .preprocessing import collate_fn, make_image_transform, random_augment, to_8bit, to_rgb, with_image_size
 from .synthetic_parts import SyntheticPartsConfig, generate_synthetic_parts, part_names
 
@@ -16,6 +16,7 @@ __all__ = [
     "check_split",
     "collate_fn",
     "generate_synthetic_parts",
+    "hold_out_validation",
     "load_image_dataset",
     "make_image_transform",
     "part_names",

@@ -294,6 +294,23 @@ def _hold_out_test(dataset: Dataset, test_size: float, seed: int) -> DatasetDict
     return DatasetDict({"train": train, "test": test})
 
 
+def hold_out_validation(dataset: DatasetDict, fraction: float, seed: int = 0) -> DatasetDict:
+    """Train on all but a stratified, seeded ``fraction`` of ``train`` and evaluate on that fraction instead of ``test``.
+
+    For choosing hyperparameters without looking at the test split: the returned ``test`` split is the held-out part
+    of ``train`` (its ``info.description`` says so, and training summaries report it); the original test split is
+    dropped, so nothing downstream can read it. The split depends only on ``seed`` (not on a training seed), so runs
+    with different training seeds are compared on the same held-out images.
+    """
+    if not 0 < fraction < 1:
+        raise ValueError(f"The validation fraction must be in (0, 1), got {fraction}.")
+    split = _hold_out_test(dataset["train"], fraction, seed)
+    split["test"].info.description = (
+        f"validation: a stratified {fraction:g} of 'train' (seed {seed}) held out from training; the test split is not used"
+    )
+    return split
+
+
 def _bundled_dataset(name: str, cache_dir: str | os.PathLike | None) -> DatasetDict:
     """Build a bundled dataset once, save it as Arrow in the cache, and memory-map it from there."""
     spec = _BUNDLED[name]
@@ -644,4 +661,4 @@ def check_split(dataset: DatasetDict, split: str, id2label: dict, purpose: str =
     return split
 
 
-__all__ = ["BUNDLED_DATASETS", "MIN_IMAGE_SIZE", "check_split", "load_image_dataset"]
+__all__ = ["BUNDLED_DATASETS", "MIN_IMAGE_SIZE", "check_split", "hold_out_validation", "load_image_dataset"]
