@@ -59,7 +59,7 @@ from .training.concept_init import initialize_concepts
 from .training.grounding import ConceptProjector, GroundedConcepts, grounding_bank
 from .training.loop import AugmentedImages, Objective, accuracy, broadcast_tensor, fit
 from .training.objectives import mix_batch, model_objective
-from .training.probe import fit_linear_probe
+from .training.probe import fit_linear_probe, pooled_training_sample
 from .training.summary import (
     SUMMARY_FILE,
     CodebookResult,
@@ -256,14 +256,15 @@ def fit_stage1_head(ctx: RunContext) -> ProbeResult:
     if _checkpoint_head_matches(model, ctx.source, ctx.class_names):
         head_kind = "checkpoint"
     else:
-        probe = fit_linear_probe(ctx.train_cache.pooled(), torch.from_numpy(ctx.train_cache.labels), len(ctx.class_names))
+        pooled, labels = pooled_training_sample(ctx.train_cache, ctx.args.probe_max_samples, seed=ctx.args.seed)
+        probe = fit_linear_probe(pooled, labels, len(ctx.class_names))
         probe.weight.data = broadcast_tensor(accelerator, probe.weight.data)
         probe.bias.data = broadcast_tensor(accelerator, probe.bias.data)
         model.set_stage1_head(probe)
         head_kind = "linear_probe"
     head = model.original_head
     probe_accuracy = accuracy(
-        accelerator, lambda pooled: head.classifier(head.norm(pooled)), ctx.test_cache.pooled(), ctx.test_cache.labels
+        accelerator, lambda maps: head.classifier(head.norm(maps.mean(dim=(2, 3)))), ctx.test_cache, ctx.test_cache.labels
     )
     return ProbeResult(head=head_kind, accuracy=probe_accuracy)
 

@@ -26,6 +26,7 @@ from protoquant_hf.training import (
     TrainingSummary,
     initialize_concepts,
     mix_batch,
+    pooled_training_sample,
     spherical_kmeans,
     train_protoquant,
 )
@@ -241,6 +242,20 @@ def test_cache_reused_and_invalidated(image_folder, backbone_folder):
     with torch.no_grad():
         other.protoquant.backbone.embedder.embedder.convolution.weight.mul_(2)  # another backbone's weights
     assert _cache(other, image_folder).path != first.path
+
+
+def test_probe_sample_is_every_image_or_a_bounded_seeded_sample(image_folder, backbone_folder):
+    model = ProtoQuantForImageClassification.from_backbone(str(backbone_folder), num_concepts=4, id2label={0: "a", 1: "b", 2: "c"})
+    cache = _cache(model, image_folder)
+    full, full_labels = pooled_training_sample(cache, max_rows=None)
+    torch.testing.assert_close(full, cache.pooled(), rtol=0, atol=0)  # every image, in order: the unbounded probe input
+    assert torch.equal(full_labels, torch.from_numpy(cache.labels))
+    sample, labels = pooled_training_sample(cache, max_rows=5, seed=1)
+    assert sample.shape == (5, full.shape[1])  # memory bounded by the sample, not by N
+    matches = [int(((full - row).abs().sum(dim=1) == 0).nonzero()[0]) for row in sample]  # each a real image's features
+    assert len(set(matches)) == 5 and torch.equal(labels, full_labels[matches])
+    assert torch.equal(pooled_training_sample(cache, max_rows=5, seed=1)[0], sample)
+    assert not torch.equal(pooled_training_sample(cache, max_rows=5, seed=2)[0], sample)
 
 
 def test_kmeans_needs_enough_vectors():

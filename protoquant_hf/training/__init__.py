@@ -11,7 +11,7 @@ from .arguments import DataArguments, ModelArguments, ProtoQuantTrainingArgument
 from .concept_init import CONCEPT_INITS, initialize_concepts, spherical_kmeans
 from .grounding import ConceptProjector, grounding_bank, nearest_bank_vectors, project_to_cap
 from .objectives import mix_batch, model_objective, soft_cross_entropy
-from .probe import fit_linear_probe
+from .probe import fit_linear_probe, pooled_training_sample
 from .summary import TrainingSummary
 from .trainer import ProtoQuantTrainer, compute_accuracy, prepare_trainer_datasets
 
@@ -38,6 +38,7 @@ __all__ = [
     "check_saved_model",
     "compute_accuracy",
     "fit_linear_probe",
+    "pooled_training_sample",
     "grounding_bank",
     "initialize_concepts",
     "mix_batch",

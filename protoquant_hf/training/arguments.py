@@ -151,6 +151,13 @@ class ProtoQuantTrainingArguments:
     kmeans_max_vectors: int = field(
         default=50000, metadata={"help": "At most this many feature vectors are sampled for k-means (bounds its cost)."}
     )
+    probe_max_samples: int = field(
+        default=200_000,
+        metadata={
+            "help": "The linear probe is fitted on at most this many training images (a seeded sample beyond it): "
+            "its memory is this many pooled feature vectors, however large the dataset."
+        },
+    )
     kmeans_iterations: int = field(default=20, metadata={"help": "Lloyd iterations of spherical k-means."})
     stage1_epochs: int = field(default=3, metadata={"help": "Epochs of stage-1 codebook training (0 = init only)."})
     stage1_lr: float = field(default=5e-4, metadata={"help": "Adam learning rate of the concepts in stage 1."})
@@ -272,7 +279,7 @@ class ProtoQuantTrainingArguments:
         for name in ("gallery_per_concept", "explain_test_images"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}.")
-        for name in ("checkpoints_per_stage", "batch_size", "extraction_batch_size", "kmeans_max_vectors",
+        for name in ("checkpoints_per_stage", "batch_size", "extraction_batch_size", "kmeans_max_vectors", "probe_max_samples",
                      "kmeans_iterations", "prune_steps", "grounding_bank_size", "grounding_refresh_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,4 +32,22 @@ def fit_linear_probe(
     return probe.requires_grad_(False)
 
 
-__all__ = ["fit_linear_probe"]
+def pooled_training_sample(cache, max_rows: int | None, seed: int = 0, batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global-average-pooled features `(n, D)` and labels `(n,)` of every cached training image, or of a seeded sample of
+    `max_rows` images (sorted rows: sequential reads) when there are more.
+
+    The probe's L-BFGS needs its whole input in memory at every iteration, so the sample bounds its memory at
+    `max_rows × D` floats however large the dataset is (200 000 × 1280 ≈ 1 GB); smaller datasets use every image.
+    """
+    rows = np.arange(len(cache))
+    if max_rows is not None and len(rows) > max_rows:
+        rows = np.sort(np.random.default_rng(seed).choice(len(rows), size=max_rows, replace=False))
+    pooled, labels = [], []
+    for start in range(0, len(rows), batch_size):
+        maps, batch_labels = cache.read(rows[start : start + batch_size])
+        pooled.append(maps.mean(dim=(2, 3)))
+        labels.append(batch_labels)
+    return torch.cat(pooled), torch.cat(labels)
+
+
+__all__ = ["fit_linear_probe", "pooled_training_sample"]
