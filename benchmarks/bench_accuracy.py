@@ -1,23 +1,40 @@
-"""Accuracy of ProtoQuant against the dense linear probe, on full bundled datasets.
+"""Accuracy of ProtoQuant against the dense linear probe: frozen, free and grounded fine-tuned concepts, several seeds.
 
-For each dataset, two training runs through `train_protoquant` (sharing one feature cache):
-  frozen     the defaults: concepts frozen in stage 2 (grounded), top-k sparsification
-  finetuned  the same with --train_concepts (the official code's stage-2 default)
-and one table row per model: linear probe (dense), stage-1 quantized, stage 2, after top-k, with
-concepts per class (non-zero weights, the headline; the fewest holding 95 % of the weight; the paper's
-ReLU(W) > 0.1 count), grounding, K, λ, τ and epochs. Prints a markdown table and writes the raw summaries
-to --json (summaries of earlier versions, with only the paper's count, show "-" for the others).
+Every run is one `train_protoquant` job (bundled EfficientNet-Lite0; runs of one dataset and resolution share a
+feature cache), recorded in a JSON file as it finishes, so an interrupted benchmark continues where it stopped
+(rerun the same command). Methods:
 
-    python benchmarks/bench_accuracy.py --datasets animal-mnist fashion-mnist --json benchmarks/accuracy.json
+  frozen        the job's defaults before grounded fine-tuning: k-means concepts, stage 1, frozen in stage 2
+  free          --concept_training free (a PIP-Net-style baseline: prototypes trained freely with W)
+  grounded-γ    --train_concepts --grounding_radius γ: concepts trained with W, projected back within cosine γ of a
+                real training feature vector after every step (γ = 1: concepts are training vectors)
+
+Two stages, never mixing their data:
+
+  study       --split validation: every run trains on 90 % of train and is measured on the held-out 10 %
+              (--validation_split 0.1); a grid of concept learning rates and epochs for grounded fine-tuning at
+              --study-gamma, then every γ at the chosen setting. The choice rule (printed): the best mean validation
+              accuracy; among γ, the largest γ within one standard error of the best (more grounded at equal
+              accuracy). The test split is never read.
+  benchmark   --split test: each method at the chosen setting (--concept-lr/--epochs), on the full train split,
+              measured on test; --seeds seeds each; table of mean and range, and an accuracy-vs-γ figure.
+
+    python benchmarks/bench_accuracy.py study --dataset animal-mnist --json benchmarks/accuracy_study.json
+    python benchmarks/bench_accuracy.py benchmark --dataset animal-mnist --concept-lr 1e-3 --epochs 30 \
+        --json benchmarks/accuracy.json --figure docs/accuracy_vs_gamma.png
+    python benchmarks/bench_accuracy.py table --json benchmarks/accuracy.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import statistics
 import tempfile
-from dataclasses import replace
 from pathlib import Path
+
+import torch
 
 from protoquant_hf.training import (
     DataArguments,
@@ -27,88 +44,198 @@ from protoquant_hf.training import (
     train_protoquant,
 )
 
+GAMMAS = (1.0, 0.95, 0.9, 0.85)
 
-def row(name: str, dataset: str, summary: TrainingSummary, phase: str) -> str:
-    args, model = summary.arguments["training"], summary.arguments["model"]
-    head = summary.phases[phase]
-    probe = summary.linear_probe_accuracy
-    grounding = summary.grounding
-    epochs = f"{args['stage1_epochs']}/{args['stage2_epochs']}" + (f"/{args['sparsify_epochs']}" if phase == "sparsify" else "")
-    per_class = head.concepts_per_class
-    counts = " | ".join(
-        "-" if mean is None else f"{mean:.1f} (max {maximum})"
-        for mean, maximum in ((per_class.nonzero_mean, per_class.nonzero_max), (per_class.mass95_mean, per_class.mass95_max),
-                              (per_class.paper_mean, per_class.paper_max))
-    )
-    return (
-        f"| {dataset} | {name} | {head.accuracy:.4f} | {head.accuracy / probe:.3f} | {counts} "
-        f"| {grounding.mean:.3f} / {grounding.min:.3f} | {head.num_concepts} | {args['l1_lambda']:g} | {model['temperature']:g} | {epochs} |"
-    )
+
+def method_arguments(method: str, concept_lr: float, epochs: int | None) -> dict:
+    """Training-argument overrides of one method ("frozen", "free" or "grounded-<γ>")."""
+    if method == "frozen":
+        return {}
+    if method == "free":
+        return {"concept_training": "free"}
+    if method.startswith("grounded-"):
+        overrides = {"train_concepts": True, "grounding_radius": float(method.split("-", 1)[1]), "concept_lr": concept_lr}
+        if epochs is not None:
+            overrides.update(stage2_epochs=epochs, sparsify_epochs=epochs)
+        return overrides
+    raise ValueError(f"unknown method {method!r}")
+
+
+def run_id(dataset: str, image_size: int, split: str, method: str, seed: int, concept_lr: float, epochs: int | None) -> str:
+    setting = f"lr{concept_lr:g}-ep{epochs}" if method.startswith("grounded-") else "default"
+    return f"{dataset}/{image_size}px/{split}/{method}/{setting}/seed{seed}"
+
+
+class Results:
+    """The JSON file of finished runs: run id → {method, seed, settings, summary}. Written after every run."""
+
+    def __init__(self, path: str):
+        self.path = Path(path)
+        self.runs = json.loads(self.path.read_text())["runs"] if self.path.exists() else {}
+
+    def run(self, dataset, image_size, split, method, seed, concept_lr, epochs, threads) -> TrainingSummary:
+        key = run_id(dataset, image_size, split, method, seed, concept_lr, epochs)
+        if key not in self.runs:
+            overrides = method_arguments(method, concept_lr, epochs)
+            print(f"== {key}: {overrides}", flush=True)
+            torch.set_num_threads(threads)
+            with tempfile.TemporaryDirectory() as tmp:
+                summary = train_protoquant(
+                    DataArguments(dataset=dataset, image_size=image_size, validation_split=0.1 if split == "validation" else None),
+                    ModelArguments(),
+                    ProtoQuantTrainingArguments(
+                        output_dir=str(Path(tmp) / "run"), seed=seed, explain_test_images=0, gallery_per_concept=0,
+                        hub_bundle=False, disable_tqdm=True, **overrides,
+                    ),
+                )
+            self.runs[key] = {
+                "dataset": dataset, "image_size": image_size, "split": split, "method": method, "seed": seed,
+                "concept_lr": concept_lr, "epochs": epochs, "threads": threads, "summary": summary.to_dict(),
+            }
+            self.path.write_text(json.dumps({"runs": self.runs}, indent=1))
+            print(f"   accuracy {summary.accuracy:.4f} ({summary.accuracy_vs_linear_probe:.3f} x probe), "
+                  f"grounding min {summary.grounding.min:.3f}, {summary.total_s:.0f} s", flush=True)
+        return TrainingSummary.from_dict(self.runs[key]["summary"])
+
+    def groups(self) -> dict[tuple, list[dict]]:
+        """Runs grouped by everything but the seed, in insertion order."""
+        grouped: dict[tuple, list[dict]] = {}
+        for record in self.runs.values():
+            key = (record["dataset"], record["image_size"], record["split"], record["method"], record["concept_lr"] if record["method"].startswith("grounded-") else None,
+                   record["epochs"] if record["method"].startswith("grounded-") else None)
+            grouped.setdefault(key, []).append(record)
+        return grouped
+
+
+def _mean_range(values: list[float], digits: int = 4) -> str:
+    text = f"{statistics.mean(values):.{digits}f}"
+    return text if len(values) == 1 else f"{text} ({min(values):.{digits}f}–{max(values):.{digits}f})"
+
+
+def standard_error(accuracy: float, num_images: int) -> float:
+    """Binomial standard error of an accuracy measured on `num_images` images."""
+    return math.sqrt(max(accuracy * (1 - accuracy), 1e-12) / num_images)
 
 
 HEADER = (
-    "| dataset | model | test accuracy | × linear probe | concepts per class (non-zero weights) | concepts holding 95 % of the weight "
-    "| paper's count (ReLU(W) > 0.1) | grounding mean / min | K | λ | τ | epochs (s1/s2/sparsify) |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|"
+    "| dataset | px | split | model | seeds | accuracy mean (range) | × linear probe | non-zero concepts per class mean / max "
+    "| grounding mean / min | concept lr / epochs (s2 = top-k retrain) | wall time per run |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
-def table(raw: dict[str, dict[str, TrainingSummary]]) -> str:
-    lines = [HEADER]
-    for dataset, runs in raw.items():
-        frozen, finetuned = runs["frozen"], runs["finetuned"]
-        probe = frozen.linear_probe_accuracy
-        stage1 = frozen.phases["stage1"]
-        lines.append(f"| {dataset} | linear probe (dense, pooled features) | {probe:.4f} | 1.000 | dense | dense | dense | - | - | - | - | - |")
+def table(results: Results) -> str:
+    lines, probes_done = [HEADER], set()
+    for (dataset, size, split, method, lr, epochs), records in results.groups().items():
+        summaries = [TrainingSummary.from_dict(r["summary"]) for r in records]
+        if (dataset, size, split) not in probes_done:
+            probes_done.add((dataset, size, split))
+            probe = [s.linear_probe_accuracy for s in summaries]
+            lines.append(f"| {dataset} | {size} | {split} | linear probe (dense, pooled features) | {len(probe)} | {_mean_range(probe)} | 1.000 | dense | - | - | - |")
+        per_class = [s.concepts_per_class for s in summaries]
+        setting = f"{lr:g} / {epochs if epochs is not None else 'default'}" if lr is not None else "default"
         lines.append(
-            f"| {dataset} | stage 1 (quantized, frozen probe head) | {stage1.accuracy:.4f} | {stage1.accuracy / probe:.3f} "
-            f"| - | - | - | - | - | - | - | {stage1.epochs} |"
+            f"| {dataset} | {size} | {split} | {method} | {len(summaries)} | {_mean_range([s.accuracy for s in summaries])} "
+            f"| {_mean_range([s.accuracy_vs_linear_probe for s in summaries], 3)} "
+            f"| {statistics.mean(p.nonzero_mean for p in per_class):.1f} / {max(p.nonzero_max for p in per_class)} "
+            f"| {statistics.mean(s.grounding.mean for s in summaries):.3f} / {min(s.grounding.min for s in summaries):.3f} "
+            f"| {setting} | {statistics.mean(s.total_s for s in summaries):.0f} s |"
         )
-        lines.append(row("ProtoQuant, frozen concepts", dataset, frozen, "stage2"))
-        lines.append(row("ProtoQuant, frozen concepts, top-k", dataset, frozen, "sparsify"))
-        lines.append(row("ProtoQuant, fine-tuned concepts", dataset, finetuned, "stage2"))
-        lines.append(row("ProtoQuant, fine-tuned concepts, top-k", dataset, finetuned, "sparsify"))
     return "\n".join(lines)
 
 
-def _load(path: str) -> dict[str, dict[str, TrainingSummary]]:
-    raw = json.loads(Path(path).read_text())
-    return {dataset: {name: TrainingSummary.from_dict(summary) for name, summary in runs.items()} for dataset, runs in raw.items()}
+def figure(results: Results, path: str) -> None:
+    """Test accuracy (× probe) against γ for grounded fine-tuning, with frozen and free concepts as reference lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (dataset, size, split, method, _lr, _epochs), records in results.groups().items():
+        ratios = [TrainingSummary.from_dict(r["summary"]).accuracy_vs_linear_probe for r in records]
+        label = f"{dataset} {size}px"
+        if method.startswith("grounded-"):
+            gamma = float(method.split("-", 1)[1])
+            ax.errorbar([gamma], [statistics.mean(ratios)], yerr=[[statistics.mean(ratios) - min(ratios)], [max(ratios) - statistics.mean(ratios)]],
+                        fmt="o", color="C0", capsize=3, label=f"grounded ({label})" if gamma == max(GAMMAS) else None)
+        else:
+            ax.axhline(statistics.mean(ratios), linestyle="--" if method == "frozen" else ":", color="C1" if method == "frozen" else "C2",
+                       label=f"{method} concepts ({label})")
+    ax.axhline(0.99, color="grey", linewidth=0.8, label="target 0.99 × probe")
+    ax.set_xlabel("grounding radius γ (every concept within cosine γ of a training feature vector)")
+    ax.set_ylabel("accuracy / linear probe")
+    ax.invert_xaxis()
+    ax.legend(fontsize=7)
+    ax.set_title("ProtoQuant top-10 heads: accuracy vs grounding (mean, range over seeds)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
-def _dump(raw: dict[str, dict[str, TrainingSummary]]) -> str:
-    return json.dumps({dataset: {name: s.to_dict() for name, s in runs.items()} for dataset, runs in raw.items()}, indent=2)
+def study(args) -> None:
+    results = Results(args.json)
+    val_size = None
+
+    def mean_accuracy(method, lr, epochs):
+        nonlocal val_size
+        summaries = [results.run(args.dataset, args.image_size, "validation", method, seed, lr, epochs, args.threads) for seed in range(args.seeds)]
+        val_size = summaries[0].dataset.test_size
+        return statistics.mean(s.accuracy for s in summaries)
+
+    grid = {(lr, epochs): mean_accuracy(f"grounded-{args.study_gamma:g}", lr, epochs) for epochs in args.epoch_grid for lr in args.lr_grid}
+    (best_lr, best_epochs), best = max(grid.items(), key=lambda item: item[1])
+    print(table(results))
+    print(f"\nchosen at γ {args.study_gamma:g}: concept lr {best_lr:g}, {best_epochs} epochs (validation {best:.4f})")
+    by_gamma = {gamma: mean_accuracy(f"grounded-{gamma:g}", best_lr, best_epochs) for gamma in GAMMAS}
+    top = max(by_gamma.values())
+    error = standard_error(top, val_size) / math.sqrt(args.seeds)
+    chosen = max(gamma for gamma, accuracy in by_gamma.items() if accuracy >= top - error)
+    for method in ("frozen", "free"):
+        mean_accuracy(method, best_lr, None)
+    print(table(results))
+    print(f"\nγ: validation accuracy {by_gamma}; best {top:.4f}, one standard error of a {args.seeds}-seed mean on "
+          f"{val_size} images {error:.4f} → largest γ within it: {chosen:g}")
+
+
+def benchmark(args) -> None:
+    results = Results(args.json)
+    for method in ("frozen", "free", *(f"grounded-{gamma:g}" for gamma in GAMMAS)):
+        for seed in range(args.seeds):
+            results.run(args.dataset, args.image_size, "test", method, seed, args.concept_lr, args.epochs, args.threads)
+        print(table(results), flush=True)
+    if args.figure:
+        figure(results, args.figure)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--datasets", nargs="+", default=["animal-mnist", "fashion-mnist"])
-    parser.add_argument("--image-size", type=int, default=128)
-    parser.add_argument("--finetuned-epochs", type=int, default=20, help="stage-2 epochs of the fine-tuned-concepts run")
-    parser.add_argument("--concept-lr", type=float, default=1e-4, help="concept learning rate of the fine-tuned run")
-    parser.add_argument("--json", default=None, help="write the raw training summaries here")
-    parser.add_argument("--from-json", default=None, help="only render the table of a previous --json file")
+    commands = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", required=True, help="results file (read, extended, rewritten after every run)")
+    for name, help_text in (("study", "held-out choice of the grounded fine-tuning setting"), ("benchmark", "every method on test")):
+        command = commands.add_parser(name, parents=[common], help=help_text)
+        command.add_argument("--dataset", default="animal-mnist")
+        command.add_argument("--image-size", type=int, default=128)
+        command.add_argument("--seeds", type=int, default=3 if name == "benchmark" else 2)
+        command.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads per run")
+    study_command, benchmark_command = commands.choices["study"], commands.choices["benchmark"]
+    study_command.add_argument("--study-gamma", type=float, default=0.9)
+    study_command.add_argument("--lr-grid", type=float, nargs="+", default=[1e-4, 1e-3])
+    study_command.add_argument("--epoch-grid", type=int, nargs="+", default=[30, 100])
+    benchmark_command.add_argument("--concept-lr", type=float, required=True)
+    benchmark_command.add_argument("--epochs", type=int, required=True, help="stage-2 and top-k retraining epochs of grounded runs")
+    benchmark_command.add_argument("--figure", default=None, help="write the accuracy-vs-γ figure here (PNG)")
+    table_command = commands.add_parser("table", parents=[common], help="render the table (and --figure) of a results file")
+    table_command.add_argument("--figure", default=None)
     args = parser.parse_args()
-    if args.from_json:
-        print(table(_load(args.from_json)))
-        return
-
-    raw = {}
-    for dataset in args.datasets:
-        data = DataArguments(dataset=dataset, image_size=args.image_size)
-        model = ModelArguments()
-        with tempfile.TemporaryDirectory() as tmp:
-            frozen_args = ProtoQuantTrainingArguments(output_dir=str(Path(tmp) / "frozen"))
-            frozen = train_protoquant(data, model, frozen_args)
-            finetuned_args = replace(
-                frozen_args, output_dir=str(Path(tmp) / "finetuned"), train_concepts=True, concept_lr=args.concept_lr,
-                stage2_epochs=args.finetuned_epochs, sparsify_epochs=args.finetuned_epochs,
-            )
-            finetuned = train_protoquant(data, model, finetuned_args)
-        raw[dataset] = {"frozen": frozen, "finetuned": finetuned}
-        print(table(raw), flush=True)
-        if args.json:
-            Path(args.json).write_text(_dump(raw))
+    if args.command == "study":
+        study(args)
+    elif args.command == "benchmark":
+        benchmark(args)
+    else:
+        print(table(Results(args.json)))
+        if args.figure:
+            figure(Results(args.json), args.figure)
 
 
 if __name__ == "__main__":
