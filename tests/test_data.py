@@ -61,7 +61,7 @@ def write_parquet(path: Path, columns: dict[str, list], features: Features | Non
 
 
 def test_bundled_names_are_documented():
-    assert set(BUNDLED_DATASETS) == {"animal-mnist", "fashion-mnist", "digits", "synthetic-parts"}
+    assert set(BUNDLED_DATASETS) == {"animal-mnist", "fashion-mnist", "digits", "synthetic-parts", "synthetic-stream"}
     assert all(BUNDLED_DATASETS.values())
 
 

@@ -21,6 +21,10 @@ tested and benchmarked without the Hub):
 * ``synthetic-parts``: generated, not read (:mod:`.synthetic_parts`): RGB images whose class is a combination of
   part types (``"red-circle+blue-square"``), with every part's keypoint and box in an extra ``parts`` column.
   Sizes, classes and seed come from its ``synthetic_parts=`` config (default 6 classes, 64x64 px, 1 200 / 300).
+* ``synthetic-stream``: generated while iterating (:mod:`.synthetic_stream`): seeded RGB stripe patterns, one hue and
+  stripe angle per class, of any length; image ``i`` is a pure function of ``(seed, split, i)``. Sizes, classes,
+  seed and shards come from its ``synthetic_stream=`` config (default 10 classes, 32x32 px, 10 000 / 2 000, 8
+  shards). Meant for ``streaming=True``; ``streaming=False`` materializes the same images in memory.
 
 Bundled splits never depend on the ``test_size`` / ``seed`` arguments, so results are comparable across runs and
 machines. The built dataset is saved once (Arrow, written atomically) under ``cache_root() / "datasets"``, one
@@ -37,11 +41,31 @@ subfolders is read as ``imagefolder``, optionally under ``train/`` / ``test/``).
   :data:`MIN_IMAGE_SIZE` images raise one error naming the files, or are dropped with a logged count when
   ``bad_images="skip"``; 16-bit / float images are rescaled to 8 bits (not clipped to white, as
   ``Image.convert`` would). Hub datasets are not decoded up front, since that would mean reading all of them.
+
+**Streaming** (``streaming=True``): the same sources as a ``datasets.IterableDatasetDict`` with the same columns and
+splits, read lazily. Nothing is read up front except schemas, and nothing is ever materialized:
+
+* bundled datasets are their cached Arrow copy (after ``max_samples_per_split``, chosen exactly as in map style)
+  streamed in stored order, so a stream and a map-style load yield the same images in the same order;
+* everything else is ``datasets.load_dataset(..., streaming=True)``. Class names come from the label column's
+  ``ClassLabel`` feature only, never from scanning labels (that would read the whole stream): a label column of ints
+  or strings needs ``labels=[...]`` (class names in id order; strings are matched by name, ints are ids), else one
+  ``ValueError`` says so before any row is read;
+* a stream without ``test`` (or ``validation``) split gets a deterministic hold-out of ``train``: an example goes to
+  ``test`` when the 64-bit BLAKE2b hash (keyed with ``seed``) of its stored image bytes, as a fraction of 2**64, is
+  below ``test_size`` (:class:`_HeldOut`; for a local file stored by path, the file's bytes). The rule looks at the example alone, not at its position, so the
+  split is the same for every shard layout, number of processes or ``DataLoader`` workers, and identical images
+  always land in the same split. The ``test`` fraction is ``test_size`` on average, not exactly, and not stratified;
+* local images are checked as they are decoded (no eager pass): a bad image raises an error naming the file, or
+  with ``bad_images="skip"`` is dropped with a logged warning; mixed image sizes are fine;
+* ``max_samples_per_split`` keeps the first ``n`` examples (``IterableDataset.take``), not a stratified subset.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
+import hashlib
 import importlib.util
 import io
 import json
@@ -49,7 +73,7 @@ import logging
 import math
 import os
 import pickletools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -57,11 +81,12 @@ from typing import Any, Literal
 import datasets
 import numpy as np
 import PIL.Image
-from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, IterableDataset, IterableDatasetDict, Value
 
 from ..cache import atomic_folder, cache_root
 from ..image_processing_protoquant import HIGH_BIT_DEPTH_MODES, MIN_IMAGE_SIZE, to_8bit
 from .synthetic_parts import SYNTHETIC_PARTS_VERSION, SyntheticPartsConfig, generate_synthetic_parts
+from .synthetic_stream import SyntheticStreamConfig, generate_synthetic_stream
 
 logger = logging.getLogger(__name__)
 
@@ -242,11 +267,15 @@ _BUNDLED: dict[str, _BundledDataset] = {
 }
 
 _SYNTHETIC_PARTS = "synthetic-parts"
+_SYNTHETIC_STREAM = "synthetic-stream"
 
 #: Names accepted by :func:`load_image_dataset` for the bundled offline datasets, with a short description.
 BUNDLED_DATASETS: dict[str, str] = {name: spec.description for name, spec in _BUNDLED.items()} | {
     _SYNTHETIC_PARTS: "Synthetic parts: generated RGB images whose class is a combination of coloured shapes, with "
     "part keypoints and boxes; by default 6 classes, 64x64, 1 200 / 300 (configure with synthetic_parts=)",
+    _SYNTHETIC_STREAM: "Synthetic stream: seeded RGB stripe patterns (one hue and angle per class) of any length, "
+    "generated while iterating; by default 10 classes, 32x32, 10 000 / 2 000, 8 shards (configure with "
+    "synthetic_stream=; for streaming=True)",
 }
 
 
@@ -294,16 +323,25 @@ def _hold_out_test(dataset: Dataset, test_size: float, seed: int) -> DatasetDict
     return DatasetDict({"train": train, "test": test})
 
 
-def hold_out_validation(dataset: DatasetDict, fraction: float, seed: int = 0) -> DatasetDict:
+def hold_out_validation(
+    dataset: DatasetDict | IterableDatasetDict, fraction: float, seed: int = 0
+) -> DatasetDict | IterableDatasetDict:
     """Train on all but a stratified, seeded ``fraction`` of ``train`` and evaluate on that fraction instead of ``test``.
 
     For choosing hyperparameters without looking at the test split: the returned ``test`` split is the held-out part
     of ``train`` (its ``info.description`` says so, and training summaries report it); the original test split is
     dropped, so nothing downstream can read it. The split depends only on ``seed`` (not on a training seed), so runs
-    with different training seeds are compared on the same held-out images.
+    with different training seeds are compared on the same held-out images. A stream (``IterableDatasetDict``) is
+    split lazily by a keyed hash of each image's pixels instead: ``fraction`` on average, not stratified.
     """
     if not 0 < fraction < 1:
         raise ValueError(f"The validation fraction must be in (0, 1), got {fraction}.")
+    if isinstance(dataset, IterableDatasetDict):  # a stream: held out lazily by image hash, as in `load_image_dataset`
+        note = (
+            f"validation: the examples of 'train' whose image hash (seed {seed}) falls in a {fraction:g} fraction, "
+            "held out from training; the test split is not used"
+        )
+        return IterableDatasetDict(_hold_out_stream(dataset["train"], fraction, seed, note))
     split = _hold_out_test(dataset["train"], fraction, seed)
     split["test"].info.description = (
         f"validation: a stratified {fraction:g} of 'train' (seed {seed}) held out from training; the test split is not used"
@@ -375,16 +413,21 @@ def _load_with_datasets(
     return loaded
 
 
+def _check_columns(split: str, column_names: Sequence[str], image_column: str, label_column: str) -> None:
+    """One clear error when a split lacks the image or label column, naming the option that chooses it."""
+    for column, option in ((image_column, "image_column"), (label_column, "label_column")):
+        if column not in column_names:
+            hint = " (an image folder needs one subfolder per class)" if option == "label_column" else ""
+            raise ValueError(
+                f"Split {split!r} has no column {column!r}; its columns are {list(column_names)}. Pass "
+                f"{option}=<column name> to choose the {option.split('_')[0]} column{hint}."
+            )
+
+
 def _standardize_columns(dataset: DatasetDict, image_column: str, label_column: str) -> DatasetDict:
     """Rename the user's columns to ``image`` / ``label`` and make ``image`` a decoding ``datasets.Image``."""
     for split, part in dataset.items():
-        for column, option in ((image_column, "image_column"), (label_column, "label_column")):
-            if column not in part.column_names:
-                hint = " (an image folder needs one subfolder per class)" if option == "label_column" else ""
-                raise ValueError(
-                    f"Split {split!r} has no column {column!r}; its columns are {part.column_names}. Pass "
-                    f"{option}=<column name> to choose the {option.split('_')[0]} column{hint}."
-                )
+        _check_columns(split, part.column_names, image_column, label_column)
     renames = {old: new for old, new in ((image_column, "image"), (label_column, "label")) if old != new}
     dataset = dataset.rename_columns(renames)
     image_feature = next(iter(dataset.values())).features["image"]
@@ -393,36 +436,103 @@ def _standardize_columns(dataset: DatasetDict, image_column: str, label_column: 
     return dataset
 
 
-def _encode_labels(dataset: DatasetDict) -> DatasetDict:
+def _unusable_label_type(feature: Any) -> ValueError | None:
+    """The error for a label feature that cannot become a ``ClassLabel`` (floats, lists, …), or ``None``."""
+    if isinstance(feature, ClassLabel) or (isinstance(feature, Value) and feature.dtype in _LABEL_DTYPES):
+        return None
+    hint = (
+        " Floats cannot be class labels: cast class ids first (dataset.cast_column('label', Value('int64'))); "
+        "regression targets are not a classification task."
+        if isinstance(feature, Value) and feature.dtype.startswith("float")
+        else " ProtoQuant needs one class per image (int, string or ClassLabel)."
+    )
+    return ValueError(f"Label column has type {feature}, which cannot be converted to ClassLabel.{hint}")
+
+
+def _checked_labels(labels: Sequence[str] | None) -> list[str] | None:
+    """``labels=`` as a list of distinct class names (``None`` stays ``None``)."""
+    if labels is None:
+        return None
+    if isinstance(labels, str) or not isinstance(labels, Sequence):
+        raise ValueError(f"labels must be a list of class names in id order, got {labels!r}.")
+    names = [str(name) for name in labels]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if len(names) < 2 or duplicates:
+        problem = f"repeats {duplicates}" if duplicates else f"has {len(names)} name(s)"
+        raise ValueError(f"labels= must name at least 2 distinct classes in id order, but {problem}.")
+    return names
+
+
+def _check_class_names(names: Sequence[str], labels: list[str] | None, source: str) -> None:
+    """``labels=`` given for a source whose classes are already known must agree with them."""
+    if labels is not None and [str(name) for name in names] != labels:
+        raise ValueError(
+            f"labels={labels} differ from the classes of {source}, {list(names)}; drop labels= (the classes are "
+            f"known), or pass them in this order."
+        )
+
+
+@dataclass(frozen=True)
+class _LabelIds:
+    """Turns one raw label into a class id: strings by name (``class_ids``), integers as ids in ``range(num_classes)``."""
+
+    class_ids: Mapping[str, int] | None  # None: labels are already integer ids
+    num_classes: int
+
+    def __call__(self, value: Any) -> int:
+        if value is None:
+            raise ValueError("An image has no label (None in the label column); drop such rows first.")
+        if self.class_ids is not None:
+            if value not in self.class_ids:
+                raise ValueError(f"Label {value!r} is not one of labels={list(self.class_ids)}; add it to labels=.")
+            return self.class_ids[value]
+        if not 0 <= int(value) < self.num_classes:
+            raise ValueError(
+                f"Label {value!r} is not a class id of labels= (0 to {self.num_classes - 1}); integer labels are ids "
+                "into labels=."
+            )
+        return int(value)
+
+
+def _label_ids(feature: Value, labels: list[str]) -> _LabelIds:
+    """How raw labels of type ``feature`` map to ids of ``labels`` (the class names in id order)."""
+    by_name = feature.dtype in {"string", "large_string"}
+    return _LabelIds({name: index for index, name in enumerate(labels)} if by_name else None, len(labels))
+
+
+def _encode_labels(dataset: DatasetDict, labels: list[str] | None = None) -> DatasetDict:
     """Make ``label`` a ``ClassLabel`` with one class list shared by all splits.
 
     Integers and strings become classes sorted by value (``DatasetDict.class_encode_column`` would encode each
-    split on its own, giving different ids whenever a split lacks a class). Floats are refused: they are
-    regression targets or need an explicit cast.
+    split on its own, giving different ids whenever a split lacks a class), or, with ``labels`` (class names in id
+    order), the classes ``labels``: strings are matched by name, integers taken as ids. Floats are refused: they
+    are regression targets or need an explicit cast.
     """
     feature = next(iter(dataset.values())).features["label"]
     if isinstance(feature, ClassLabel):
+        _check_class_names(feature.names, labels, "the dataset's ClassLabel")
         return dataset
-    if not isinstance(feature, Value) or feature.dtype not in _LABEL_DTYPES:
-        hint = (
-            " Floats cannot be class labels: cast class ids first (dataset.cast_column('label', Value('int64'))); "
-            "regression targets are not a classification task."
-            if isinstance(feature, Value) and feature.dtype.startswith("float")
-            else " ProtoQuant needs one class per image (int, string or ClassLabel)."
-        )
-        raise ValueError(f"Label column has type {feature}, which cannot be converted to ClassLabel.{hint}")
+    error = _unusable_label_type(feature)
+    if error is not None:
+        raise error
     values: set[Any] = set()
     for split, part in dataset.items():
         split_values = set(part.unique("label"))
         if None in split_values:
             raise ValueError(f"Split {split!r} has images without a label (None in the label column).")
         values |= split_values
-    classes = sorted(values)
-    class_ids = {value: index for index, value in enumerate(classes)}
+    if labels is None:
+        classes = sorted(values)
+        encode = _LabelIds({value: index for index, value in enumerate(classes)}, len(classes))
+        names = [str(value) for value in classes]
+    else:
+        encode, names = _label_ids(feature, labels), labels
+        for value in sorted(values, key=str):
+            encode(value)  # every value must be a class of labels=: one clear error now, not mid-map
     features = next(iter(dataset.values())).features.copy()
-    features["label"] = ClassLabel(names=[str(value) for value in classes])
+    features["label"] = ClassLabel(names=names)
     return dataset.map(
-        lambda labels: {"label": [class_ids[value] for value in labels]},
+        lambda batch: {"label": [encode(value) for value in batch]},
         input_columns="label",
         batched=True,
         features=features,
@@ -545,6 +655,294 @@ def _is_local(name: str, load_dataset_kwargs: dict[str, Any]) -> bool:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Streaming
+# --------------------------------------------------------------------------------------------------------------
+
+# Most shards of a stream made from a cached Arrow dataset: divisible by 1, 2, 4, 8 and 16 processes / workers, so
+# `split_dataset_by_node` can split such a stream by whole shards.
+_STREAM_SHARDS = 16
+_RAW_IMAGE = Image(decode=False)
+_DECODED_IMAGE = Image()
+# Threads decoding remote images (each reads one file ahead): they overlap network round trips, as `load_dataset`'s
+# own threaded decoding of remote streams does.
+_REMOTE_DECODE_THREADS = 16
+_IMAGE_DTYPES = {"binary", "large_binary", "string", "large_string"}  # bytes or a path, as `datasets.Image` takes
+
+
+def _arrow_as_stream(dataset: DatasetDict) -> IterableDatasetDict:
+    """A map-style ``DatasetDict`` as a stream in stored order, each split in up to :data:`_STREAM_SHARDS`
+    contiguous shards (``to_iterable_dataset`` reads the memory-mapped Arrow file; nothing is copied)."""
+    streams = {}
+    for split, part in dataset.items():
+        stream = part.to_iterable_dataset(num_shards=max(1, min(_STREAM_SHARDS, len(part))))
+        stream.info.description = part.info.description
+        streams[split] = stream
+    return IterableDatasetDict(streams)
+
+
+def _load_stream(name: str, cache_dir: str | os.PathLike | None, load_dataset_kwargs: dict[str, Any]) -> dict:
+    """``datasets.load_dataset(..., streaming=True)`` as ``{split: IterableDataset}``, with the map-style errors."""
+    try:
+        loaded = datasets.load_dataset(name, cache_dir=cache_dir, streaming=True, **load_dataset_kwargs)
+    except (FileNotFoundError, ConnectionError) as error:
+        raise ValueError(
+            f"Cannot load dataset {name!r}: it is not a bundled dataset ({', '.join(BUNDLED_DATASETS)}) nor an "
+            f"existing folder, and datasets.load_dataset failed with: {error}"
+        ) from error
+    if isinstance(loaded, IterableDataset):  # `split=` was given: that split is the training set
+        return {"train": loaded}
+    if not isinstance(loaded, IterableDatasetDict):
+        raise ValueError(f"Expected a streaming IterableDatasetDict from {name!r}, got {type(loaded).__name__}.")
+    return dict(loaded)
+
+
+def _stream_classes(
+    streams: Mapping[str, IterableDataset], image_column: str, label_column: str, labels: list[str] | None
+) -> tuple[list[str], _LabelIds | None]:
+    """Class names of a stream and how to map its raw labels to ids (``None``: already ``ClassLabel`` ids).
+
+    Reads features (schemas) only, never a row: the names come from the ``ClassLabel`` feature or from ``labels``.
+    """
+    fix = (
+        "Pass labels=[...] (--labels on the command line): the class names in id order (string labels are matched "
+        "to them by name, integer labels are ids into them). Or cast the column to ClassLabel, e.g. with "
+        f"features=Features({{..., {label_column!r}: ClassLabel(names=[...])}}), passed on to datasets.load_dataset."
+    )
+    found = {}
+    for split, stream in streams.items():
+        if stream.features is None:
+            raise ValueError(
+                f"The columns of stream split {split!r} have unknown types (its source has no schema), so its class "
+                f"names cannot be known without reading it. Pass features=datasets.Features({{{image_column!r}: "
+                f"Image(), {label_column!r}: ClassLabel(names=[...])}}) (passed on to datasets.load_dataset)."
+            )
+        _check_columns(split, list(stream.features), image_column, label_column)
+        image_feature = stream.features[image_column]
+        if not (
+            isinstance(image_feature, Image)
+            or (isinstance(image_feature, Value) and image_feature.dtype in _IMAGE_DTYPES)
+            or (isinstance(image_feature, dict) and "bytes" in image_feature)
+        ):
+            raise ValueError(
+                f"Column {image_column!r} of split {split!r} has type {image_feature}, not images (datasets.Image, "
+                "bytes or paths); pass image_column=<column name> to choose the image column."
+            )
+        feature = stream.features[label_column]
+        error = _unusable_label_type(feature)
+        if error is not None:
+            raise error
+        found[split] = feature
+    features = list(found.values())
+    if all(isinstance(feature, ClassLabel) for feature in features):
+        names = features[0].names
+        if any(feature.names != names for feature in features):
+            listed = {split: feature.names for split, feature in found.items()}
+            raise ValueError(f"The splits of the stream have different ClassLabel classes: {listed}.")
+        _check_class_names(names, labels, "the stream's ClassLabel")
+        return list(names), None
+    kinds = ", ".join(sorted({str(feature) for feature in features}))
+    by_name = {not isinstance(feature, ClassLabel) and feature.dtype in {"string", "large_string"} for feature in features}
+    if len(by_name) > 1 or any(isinstance(feature, ClassLabel) for feature in features):
+        raise ValueError(
+            f"The splits of the stream have different label types ({kinds}); cast the label column of every split to "
+            "one ClassLabel (features=Features({..., 'label': ClassLabel(names=[...])}) for datasets.load_dataset)."
+        )
+    if labels is None:
+        raise ValueError(
+            f"The label column {label_column!r} of this stream holds {kinds} values, not a ClassLabel, so its class "
+            f"names are unknown (finding them would mean reading the whole stream). {fix}"
+        )
+    return labels, _label_ids(features[0], labels)
+
+
+@dataclass(frozen=True)
+class _StandardizeRow:
+    """One streamed row with ``image`` (``{"bytes", "path"}``, not decoded) and ``label`` (a class id) columns first."""
+
+    image_column: str
+    label_column: str
+    label_ids: _LabelIds | None
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        label = row[self.label_column]
+        others = {key: value for key, value in row.items() if key not in (self.image_column, self.label_column)}
+        return {
+            # bytes, a path or a {"bytes", "path"} dict → {"bytes", "path"}, exactly what datasets.Image stores
+            "image": _RAW_IMAGE.encode_example(row[self.image_column]),
+            "label": label if self.label_ids is None else self.label_ids(label),
+            **others,
+        }
+
+
+def _standardize_stream(
+    stream: IterableDataset, image_column: str, label_column: str, names: list[str], label_ids: _LabelIds | None
+) -> IterableDataset:
+    """Lazily rename a stream's columns to ``image`` / ``label``, labels to ``ClassLabel(names)`` ids, and turn image
+    decoding off: the following steps (hold-out, checks) read image bytes, and images are decoded once, last."""
+    raw = stream.decode(False)  # also drops the threaded decoding `load_dataset` sets up for remote streams
+    others = {key: feature for key, feature in raw.features.items() if key not in (image_column, label_column)}
+    features = Features({"image": _RAW_IMAGE, "label": ClassLabel(names=names), **others})
+    # `features=` marks the rows as typed, so no later step re-encodes or re-decodes them.
+    return raw.map(
+        _StandardizeRow(image_column, label_column, label_ids), remove_columns=list(raw.features), features=features
+    )
+
+
+def _image_bytes(entry: dict[str, Any]) -> bytes:
+    """The stored bytes of a ``{"bytes", "path"}`` image: its bytes, else its local file, else (remote) its path."""
+    if entry["bytes"] is not None:
+        return entry["bytes"]
+    path = entry["path"]
+    if path and os.path.isfile(path):
+        return Path(path).read_bytes()
+    return str(path).encode()
+
+
+@dataclass(frozen=True)
+class _HeldOut:
+    """Whether an example belongs to the held-out ``test`` part: its image's keyed hash, as a fraction of 2**64, is
+    below ``test_size``. Depends on the example only (not on its position), hence on no shard or worker layout."""
+
+    test_size: float
+    seed: int
+    keep: Literal["test", "train"]
+
+    def __call__(self, row: dict[str, Any]) -> bool:
+        image = row["image"]
+        if isinstance(image, PIL.Image.Image):  # a decoded stream (hold_out_validation): hash the pixels
+            data = f"{image.mode} {image.size}".encode() + image.tobytes()
+        else:
+            data = _image_bytes(image)
+        digest = hashlib.blake2b(data, digest_size=8, key=f"protoquant-hold-out-{self.seed}".encode()).digest()
+        held_out = int.from_bytes(digest, "big") < self.test_size * 2**64
+        return held_out == (self.keep == "test")
+
+
+def _hold_out_stream(stream: IterableDataset, test_size: float, seed: int, note: str) -> dict[str, IterableDataset]:
+    """``train`` / ``test`` streams from one stream by :class:`_HeldOut`; ``note`` becomes the test description."""
+    if not 0 < test_size < 1:
+        raise ValueError(f"test_size must be in (0, 1) to hold out a test split, got {test_size}.")
+    test = stream.filter(_HeldOut(test_size, seed, "test"))
+    test.info.description = note
+    return {"train": stream.filter(_HeldOut(test_size, seed, "train")), "test": test}
+
+
+def _ensure_train_test_stream(
+    streams: dict[str, IterableDataset], test_size: float, seed: int
+) -> dict[str, IterableDataset]:
+    """Name the splits of a stream ``train`` / ``test``, as :func:`_ensure_train_test` does for map-style data."""
+    if "train" not in streams:
+        if len(streams) != 1:
+            raise ValueError(f"No 'train' split among {list(streams)}; cannot tell which split to train on.")
+        streams = {"train": next(iter(streams.values()))}
+    if "test" in streams:
+        return streams
+    streams = dict(streams)
+    if "validation" in streams:
+        logger.info("No 'test' split; using 'validation' as the test split.")
+        streams["test"] = streams.pop("validation")
+        return streams
+    note = (
+        f"held out: the examples of 'train' whose image hash (seed {seed}) falls in a {test_size:g} fraction, as the "
+        "stream has no test split"
+    )
+    logger.warning("No 'test' split; the test split is %s.", note)
+    streams.update(_hold_out_stream(streams["train"], test_size, seed, note))
+    return streams
+
+
+def _decode_checked(entry: dict[str, Any]) -> tuple[PIL.Image.Image | None, str | None]:
+    """Decode one stored image as ``datasets.Image`` does (fully loaded, EXIF orientation applied): ``(image,
+    None)``, or ``(None, problem)`` for a corrupt, truncated or too small one.
+
+    High-bit-depth images are rescaled to 8 bits, as map-style loading does.
+    """
+    try:
+        image = _DECODED_IMAGE.decode_example(entry)
+    except _BAD_IMAGE_EXCEPTIONS as error:
+        return None, f"unreadable ({type(error).__name__}: {error})"
+    if min(image.size) < MIN_IMAGE_SIZE:
+        return None, f"{image.width}x{image.height} px, below the {MIN_IMAGE_SIZE} px minimum side"
+    return (to_8bit(image) if image.mode in HIGH_BIT_DEPTH_MODES else image), None
+
+
+@dataclass
+class _DecodeLocalImage:
+    """Decode the ``image`` of a streamed row from local files, handling bad images as ``bad_images`` says.
+
+    ``"skip"`` replaces a bad image with ``None`` (a filter drops the row) and logs a warning with the running count
+    of this process (each ``DataLoader`` worker counts its own rows).
+    """
+
+    split: str
+    bad_images: Literal["error", "skip"]
+    skipped: int = 0
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        entry = row["image"]
+        image, problem = _decode_checked(entry)
+        if problem is not None:
+            name = entry["path"] or "an image stored without a path"
+            if self.bad_images == "error":
+                raise ValueError(
+                    f"Split {self.split!r} has a bad image: {name}: {problem}. Fix or remove it, or pass "
+                    "bad_images='skip' to drop bad images."
+                )
+            self.skipped += 1
+            logger.warning("Split %r: skipped bad image %s: %s (%d so far).", self.split, name, problem, self.skipped)
+        return {"image": image}
+
+
+def _has_image(row: dict[str, Any]) -> bool:
+    return row["image"] is not None
+
+
+def _decode_stream(
+    stream: IterableDataset, split: str, local: bool, bad_images: Literal["error", "skip"]
+) -> IterableDataset:
+    """Turn image decoding back on, as the last lazy step.
+
+    Local files are decoded and checked by :class:`_DecodeLocalImage` (one decode per image, no separate check
+    pass); remote ones by ``datasets`` itself, with its threaded decoding, which overlaps network round trips.
+    """
+    features = stream.features.copy()
+    features["image"] = Image()
+    if not local:
+        # An explicit thread count: `decode(True)` alone would pick 0 threads, because the features it sees do not
+        # decode, and then only cast the features, which the already-typed rows ignore (they would stay undecoded).
+        return stream.decode(True, num_threads=_REMOTE_DECODE_THREADS)
+    # `features=` again marks rows as typed: `datasets` must not decode (or re-encode) the images a second time.
+    decoded = stream.map(_DecodeLocalImage(split, bad_images), features=features)
+    return decoded.filter(_has_image) if bad_images == "skip" else decoded
+
+
+def _stream_dataset(
+    name: str,
+    *,
+    image_column: str,
+    label_column: str,
+    labels: list[str] | None,
+    test_size: float,
+    seed: int,
+    bad_images: Literal["error", "skip"],
+    cache_dir: str | os.PathLike | None,
+    load_dataset_kwargs: dict[str, Any],
+) -> dict[str, IterableDataset]:
+    """Local folders, local files and Hub datasets as lazy ``train`` / ``test`` streams (module docstring)."""
+    if os.path.isdir(name) and not load_dataset_kwargs:
+        _check_image_folder(Path(name))
+    streams = _load_stream(name, cache_dir, load_dataset_kwargs)
+    names, label_ids = _stream_classes(streams, image_column, label_column, labels)  # may raise; reads no row
+    streams = {
+        split: _standardize_stream(stream, image_column, label_column, names, label_ids)
+        for split, stream in streams.items()
+    }
+    streams = _ensure_train_test_stream(streams, test_size, seed)
+    local = _is_local(name, load_dataset_kwargs)
+    return {split: _decode_stream(stream, split, local, bad_images) for split, stream in streams.items()}
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Public entry point
 # --------------------------------------------------------------------------------------------------------------
 
@@ -558,10 +956,13 @@ def load_image_dataset(
     seed: int = 0,
     bad_images: Literal["error", "skip"] = "error",
     max_samples_per_split: int | None = None,
+    streaming: bool = False,
+    labels: Sequence[str] | None = None,
     synthetic_parts: SyntheticPartsConfig | Mapping[str, Any] | None = None,
+    synthetic_stream: SyntheticStreamConfig | Mapping[str, Any] | None = None,
     cache_dir: str | os.PathLike | None = None,
     **load_dataset_kwargs: Any,
-) -> DatasetDict:
+) -> DatasetDict | IterableDatasetDict:
     """Load an image-classification dataset with ``image`` / ``label`` columns and ``train`` / ``test`` splits.
 
     Example:
@@ -575,6 +976,9 @@ def load_image_dataset(
     >>> parts = load_image_dataset("synthetic-parts", synthetic_parts={"num_classes": 4, "image_size": 96})
     >>> parts["train"][0]["parts"][0]  # part type id, centre (x, y) and box in pixels
     {'part': 1, 'keypoint': [27.07..., 35.45...], 'box': [12, 21, 42, 50]}
+    >>> stream = load_image_dataset("webdataset", streaming=True, data_files="shards/*.tar", image_column="png",
+    ...                             label_column="cls", labels=["cat", "dog"])  # ints in "cls" are ids into labels
+    >>> load_image_dataset("synthetic-stream", streaming=True, synthetic_stream={"num_images": 1_000_000})
     ```
 
     Args:
@@ -583,39 +987,68 @@ def load_image_dataset(
         image_column: Column holding images (renamed to ``image``).
         label_column: Column holding class labels (renamed to ``label``; ints and strings become ``ClassLabel``).
         test_size: Fraction held out as ``test`` when the source has neither ``test`` nor ``validation``.
-            Bundled datasets always use their fixed, documented split.
+            Bundled datasets always use their fixed, documented split. For streams, held out by image hash (see
+            the module docstring): ``test_size`` on average, not stratified.
         seed: Seed of a created test split and of ``max_samples_per_split`` subsampling.
         bad_images: For local files: ``"error"`` raises on corrupt, truncated or too small images (naming the
-            files); ``"skip"`` drops them and logs a warning with their count and first names.
-        max_samples_per_split: Keep at most this many examples per split (stratified by label), for quick runs.
+            files); ``"skip"`` drops them and logs a warning with their count and first names. Streams check each
+            image when it is decoded, so the error (or the warning) comes while iterating.
+        max_samples_per_split: Keep at most this many examples per split, for quick runs: a seeded stratified
+            subset in map style (and for bundled streams, so both modes agree); the first ones for other streams.
+        streaming: Return a lazy ``datasets.IterableDatasetDict`` instead of a ``DatasetDict`` (same columns, splits
+            and classes; see the module docstring). Nothing is read before iterating except schemas.
+        labels: Class names in id order, for a label column that is not a ``ClassLabel``: string labels are matched
+            to them by name, integer labels are ids into them. Needed for such streams (their classes cannot be
+            found without reading everything); in map style they replace the sorted label values. For a source
+            whose classes are known (``ClassLabel``, bundled), they must equal those classes.
         synthetic_parts: Only with ``"synthetic-parts"``: its :class:`~.synthetic_parts.SyntheticPartsConfig`, or a
             dict of its fields (missing ones take their defaults; ``None``: all defaults). Each config is generated
             once and cached under its own key; its ``seed`` and sizes, not ``seed`` / ``test_size`` here, decide the
             images and splits. The result has a third column, ``parts``: per image a list of
             ``{"part": int, "keypoint": [x, y], "box": [left, top, right, bottom]}`` in pixels (see
             :mod:`.synthetic_parts`; names from :func:`~.synthetic_parts.part_names`).
+        synthetic_stream: Only with ``"synthetic-stream"``: its :class:`~.synthetic_stream.SyntheticStreamConfig`,
+            or a dict of its fields. Its sizes and seed decide the images and splits (nothing is cached); with
+            ``max_samples_per_split`` each split is its first ``n`` images, in both modes.
         cache_dir: Cache folder passed to ``datasets.load_dataset``; for bundled datasets, where their Arrow copy
             lives (default ``cache_root() / "datasets"``).
         **load_dataset_kwargs: Passed to ``datasets.load_dataset`` (``revision``, ``data_files``, ``name``, …).
 
     Returns:
-        A ``DatasetDict`` with at least ``train`` and ``test``, each with an ``image`` (``datasets.Image``) and a
-        ``label`` (``ClassLabel``, same classes in every split) column (plus ``parts`` for ``"synthetic-parts"``).
+        A ``DatasetDict`` (``IterableDatasetDict`` with ``streaming=True``) with at least ``train`` and ``test``,
+        each with an ``image`` (``datasets.Image``) and a ``label`` (``ClassLabel``, same classes in every split)
+        column (plus ``parts`` for ``"synthetic-parts"``).
 
     Raises:
-        ValueError: Unknown name, missing column, unusable labels, bad images, an empty split, or an invalid
-            ``synthetic_parts`` config (or one given with another dataset).
+        ValueError: Unknown name, missing column, unusable labels (or a stream's non-``ClassLabel`` labels without
+            ``labels=``), bad images, an empty split, or an invalid ``synthetic_parts`` / ``synthetic_stream``
+            config (or one given with another dataset).
         ImportError, FileNotFoundError: A bundled dataset's package is missing (the message has the install
             command).
     """
     if bad_images not in ("error", "skip"):
         raise ValueError(f"bad_images must be 'error' or 'skip', got {bad_images!r}.")
     name = os.fspath(name_or_path)
-    if synthetic_parts is not None and name != _SYNTHETIC_PARTS:
-        raise ValueError(
-            f"synthetic_parts= configures the {_SYNTHETIC_PARTS!r} dataset only, but the dataset is {name!r}; drop "
-            f"synthetic_parts=, or load {_SYNTHETIC_PARTS!r}."
-        )
+    for option, value, dataset_name in (
+        ("synthetic_parts", synthetic_parts, _SYNTHETIC_PARTS), ("synthetic_stream", synthetic_stream, _SYNTHETIC_STREAM)
+    ):  # fmt: skip
+        if value is not None and name != dataset_name:
+            raise ValueError(
+                f"{option}= configures the {dataset_name!r} dataset only, but the dataset is {name!r}; drop "
+                f"{option}=, or load {dataset_name!r}."
+            )
+    labels = _checked_labels(labels)
+    if name == _SYNTHETIC_STREAM:
+        return _synthetic_stream_dataset(synthetic_stream, streaming, labels, max_samples_per_split)
+    if streaming and name not in _BUNDLED and name != _SYNTHETIC_PARTS:
+        streams = _stream_dataset(
+            name, image_column=image_column, label_column=label_column, labels=labels, test_size=test_size,
+            seed=seed, bad_images=bad_images, cache_dir=cache_dir, load_dataset_kwargs=load_dataset_kwargs,
+        )  # fmt: skip
+        if max_samples_per_split is not None:
+            streams = {split: stream.take(max_samples_per_split) for split, stream in streams.items()}
+        return IterableDatasetDict(streams)
+
     if name == _SYNTHETIC_PARTS:
         dataset = _synthetic_parts_dataset(synthetic_parts, cache_dir)
     elif name in _BUNDLED:
@@ -626,7 +1059,7 @@ def load_image_dataset(
         dataset = _standardize_columns(
             _load_with_datasets(name, cache_dir, load_dataset_kwargs), image_column, label_column
         )
-        dataset = _encode_labels(dataset)
+        dataset = _encode_labels(dataset, labels)
         if _is_local(name, load_dataset_kwargs):
             dataset = DatasetDict(
                 {split: _validate_images(part, split, bad_images) for split, part in dataset.items()}
@@ -635,6 +1068,8 @@ def load_image_dataset(
             if len(part) == 0:
                 raise ValueError(f"Split {split!r} of {name!r} is empty.")
         dataset = _ensure_train_test(dataset, test_size, seed)
+    if name == _SYNTHETIC_PARTS or name in _BUNDLED:
+        _check_class_names(dataset["train"].features["label"].names, labels, repr(name))
     if max_samples_per_split is not None:
         dataset = DatasetDict(
             {
@@ -644,6 +1079,32 @@ def load_image_dataset(
                 for split, part in dataset.items()
             }
         )
+    # Bundled data streams from its cached Arrow copy, after the same subsampling: both modes yield the same rows.
+    return _arrow_as_stream(dataset) if streaming else dataset
+
+
+def _synthetic_stream_dataset(
+    config: SyntheticStreamConfig | Mapping[str, Any] | None,
+    streaming: bool,
+    labels: list[str] | None,
+    max_samples_per_split: int | None,
+) -> DatasetDict | IterableDatasetDict:
+    """The ``synthetic-stream`` splits of ``config``; ``max_samples_per_split`` shortens both splits (their first
+    images, balanced by construction), so streaming and map style give the same images."""
+    if config is None or isinstance(config, Mapping):
+        config = SyntheticStreamConfig.from_dict(config or {})
+    elif not isinstance(config, SyntheticStreamConfig):
+        raise ValueError(
+            f"synthetic_stream must be a SyntheticStreamConfig or a dict of its fields, got {type(config).__name__}."
+        )
+    if max_samples_per_split is not None:
+        config = dataclasses.replace(
+            config,
+            num_images=min(config.num_images, max_samples_per_split),
+            num_test_images=min(config.num_test_images, max_samples_per_split),
+        )
+    dataset = generate_synthetic_stream(config, streaming=streaming)
+    _check_class_names(dataset["train"].features["label"].names, labels, repr(_SYNTHETIC_STREAM))
     return dataset
 
 
