@@ -69,7 +69,7 @@ while time.time() < {start}:  # start both builds at the same moment
     time.sleep(0.005)
 cache = cache_module.extract_features(model, train, processor, transform, split="train", dtype="float32",
                                       batch_size=2, cache_dir={cache!r}, show_progress=False)
-print(json.dumps({{"path": str(cache.path), "built": len(built), "sum": float(abs(cache.features).sum())}}))
+print(json.dumps({{"path": str(cache.path), "built": len(built), "sum": float(abs(cache.to_numpy()).sum())}}))
 """
 
 
@@ -90,33 +90,33 @@ def test_two_processes_on_one_empty_cache_share_one_build(image_folder, tmp_path
     model, train, processor, transform = model_and_inputs(image_folder)
     alone = extract_features(model, train, processor, transform, split="train", dtype="float32", cache_dir=tmp_path / "alone")
     shared = FeatureCache.open(results[0]["path"])
-    np.testing.assert_allclose(np.asarray(shared.features), np.asarray(alone.features), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(shared.to_numpy(), alone.to_numpy(), rtol=1e-6, atol=1e-6)
     assert np.array_equal(shared.labels, alone.labels)
     assert not list(cache_dir.glob(".*partial*"))  # no build folder left behind
 
 
-@pytest.mark.parametrize("damage", ["truncate", "edit-meta", "delete-labels"])
+@pytest.mark.parametrize("damage", ["truncate", "edit-index", "delete-labels"])
 def test_damaged_entry_is_rebuilt_with_a_warning(image_folder, tmp_path, caplog, damage):
     model, train, processor, transform = model_and_inputs(image_folder)
-    arguments = dict(split="train", dtype="float32", cache_dir=tmp_path, show_progress=False)
+    arguments = dict(split="train", dtype="float32", cache_dir=tmp_path, show_progress=False, shard_size=5)
     first = extract_features(model, train, processor, transform, **arguments)
-    expected = np.asarray(first.features).copy()
+    expected = first.to_numpy()
     path = first.path
     del first
     if damage == "truncate":
-        features = path / "features.npy"
+        features = path / "features-00001.npy"
         features.write_bytes(features.read_bytes()[: features.stat().st_size // 2])
-    elif damage == "edit-meta":
-        meta = json.loads((path / "meta.json").read_text())
-        meta["shape"][0] += 1
-        (path / "meta.json").write_text(json.dumps(meta))
+    elif damage == "edit-index":
+        index = json.loads((path / "index.json").read_text())
+        index["num_rows"] += 1
+        (path / "index.json").write_text(json.dumps(index))
     else:
-        (path / "labels.npy").unlink()
+        (path / "labels-00000.npy").unlink()
     with caplog.at_level("WARNING"):
         again = extract_features(model, train, processor, transform, **arguments)
     assert again.path == path
     assert str(path) in caplog.text and "Rebuilding" in caplog.text
-    np.testing.assert_array_equal(np.asarray(again.features), expected)
+    np.testing.assert_array_equal(again.to_numpy(), expected)
 
 
 def test_interrupted_build_leaves_nothing_a_reader_would_use(image_folder, tmp_path, monkeypatch):
@@ -133,4 +133,6 @@ def test_interrupted_build_leaves_nothing_a_reader_would_use(image_folder, tmp_p
     monkeypatch.setattr(ProtoQuantForImageClassification, "forward_features", failing)
     with pytest.raises(KeyboardInterrupt):
         extract_features(model, train, processor, transform, split="train", dtype="float32", batch_size=2, cache_dir=tmp_path)
-    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []
+    # Only the lock and the hidden partial build (kept for resuming) remain: no entry a reader would open.
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == []
+    assert not list(tmp_path.rglob("index.json"))

@@ -1,7 +1,6 @@
 """The concepts layer: ConceptStats against brute force, the editing operations, the typed summary."""
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +13,8 @@ from protoquant_hf.concepts import (
     ConceptStats,
     FeatureCache,
     UsageSummary,
+    concept_score_store,
+    concept_score_table,
     concepts_for_weight_mass,
     concepts_per_class,
     disable_concept,
@@ -51,14 +52,14 @@ def feature_cache(num_images: int = 7, height: int = 3, width: int = 2, seed: in
     rng = np.random.default_rng(seed)
     features = rng.normal(size=(num_images, HIDDEN, height, width)).astype(np.float32)
     labels = np.arange(num_images) % 3
-    return FeatureCache(path=Path("in-memory"), features=features, labels=labels, meta={})
+    return FeatureCache.from_arrays(features, labels, shard_size=3)  # reads span shards
 
 
 def brute_force(model, cache: FeatureCache, top_n: int):
     """Every (concept, image, cell) cosine with the spec's formula, in float64, looped by hand."""
     concepts = model.codebook.concepts.detach().double().numpy()
     eps, tau = model.config.cosine_eps, model.config.temperature
-    features = np.asarray(cache.features, dtype=np.float64)
+    features = cache.to_numpy().astype(np.float64)
     num_images, _, height, width = features.shape
     num_concepts = len(concepts)
     cosines = np.zeros((num_concepts, num_images, height, width))
@@ -120,6 +121,19 @@ def test_concept_stats_from_batches_and_row_subsets():
     assert (tiny.top_rows[:, 6:] == -1).all() and torch.isinf(tiny.top_scores[:, 6:]).all()
     with pytest.raises(ValueError, match="top_n"):
         ConceptStats.collect(model, cache, top_n=0)
+
+
+def test_concept_score_store_holds_the_table_on_disk_in_shards(tmp_path):
+    model = tiny_model()
+    cache = feature_cache(num_images=7)
+    store = concept_score_store(model, cache, tmp_path / "scores", batch_size=2, shard_size=3)
+    table = concept_score_table(model, cache)
+    assert store.shape == (7, 5) and list(store.store.row_counts) == [3, 3, 1]  # one 3-row shard in memory at a time
+    rows = np.array([6, 0, 4, 4, 2])  # across shards, out of order
+    scores, labels = store.read(rows)
+    assert torch.equal(scores, table[rows])  # exactly the table's float32 values
+    assert labels.tolist() == cache.labels[rows].tolist()
+    assert FeatureCache.open(tmp_path / "scores").read(rows)[0].equal(scores)  # a real store on disk
 
 
 def test_usage_summary():

@@ -164,7 +164,7 @@ def test_the_free_baseline_takes_a_radius():
 def _train_bank(output) -> torch.Tensor:
     """Every non-zero training feature vector of a run's cache (the tiny runs' bank is all of them)."""
     model = ProtoQuantForImageClassification.from_pretrained(output)
-    entries = [FeatureCache.open(meta.parent) for meta in (output.parent / "cache").rglob("meta.json")]
+    entries = [FeatureCache.open(meta.parent) for meta in (output.parent / "cache").rglob("index.json")]
     cache = next(entry for entry in entries if entry.meta["split"] == "train")
     return cache.feature_vectors()[0], model
 

@@ -2,13 +2,14 @@
 never each other.
 
 ``cache``    the on-disk feature cache (frozen-backbone feature maps, computed once)
+``shards``   the sharded, resumable array store the cache is made of (generic over the per-row shape)
 ``stats``    `ConceptStats`: usage, nearest training patches, grounding, per-class presence in one pass; how many
              concepts each class uses (`concepts_per_class`, `concepts_for_weight_mass`)
 ``editing``  the only functions that change concepts or the concept→class weights
 ``edit_log`` user edits through those functions, each recorded in the edit log saved with the model
 """
 
-from .cache import FeatureCache, backbone_fingerprint, cache_key, extract_features
+from .cache import CacheEntryError, FeatureCache, backbone_fingerprint, cache_key, dataset_content, extract_features
 from .edit_log import EDIT_OPERATIONS, EditRecord, edit_log, edit_model
 from .editing import (
     disable_concept,
@@ -27,6 +28,7 @@ from .stats import (
     ConceptStats,
     GroundingSummary,
     UsageSummary,
+    concept_score_store,
     concept_score_table,
     concepts_for_weight_mass,
     concepts_per_class,
@@ -36,6 +38,7 @@ __all__ = [
     "EDIT_OPERATIONS",
     "PAPER_WEIGHT_THRESHOLD",
     "WEIGHT_MASS",
+    "CacheEntryError",
     "ConceptStats",
     "EditRecord",
     "FeatureCache",
@@ -43,9 +46,11 @@ __all__ = [
     "UsageSummary",
     "backbone_fingerprint",
     "cache_key",
+    "concept_score_store",
     "concept_score_table",
     "concepts_for_weight_mass",
     "concepts_per_class",
+    "dataset_content",
     "disable_concept",
     "edit_log",
     "edit_model",

@@ -13,8 +13,10 @@ The training summary (hence the CLI table and the model card) and the metrics co
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .cache import FeatureCache
+from .shards import DEFAULT_SHARD_SIZE, ShardWriter, write_index
 
 
 @dataclass
@@ -229,6 +232,33 @@ def concept_score_table(model, features: FeatureCache, batch_size: int = 256, sh
     return torch.cat([model(feature_maps=maps.to(device)).concept_scores.float().cpu() for maps, _ in batches])
 
 
+def concept_score_store(
+    model, features: FeatureCache, folder: str | Path, batch_size: int = 256, shard_size: int = DEFAULT_SHARD_SIZE,
+    show_progress: bool = False,
+) -> FeatureCache:
+    """`concept_score_table` written to `folder` as a sharded float32 store `(N, K)` and opened for reading.
+
+    What frozen-concept head training reads, kept on disk (read through the page cache, like the feature maps), so
+    memory holds one shard of scores however many images there are (10⁶ images × K = 2048 would be 8 GB in RAM). The
+    values are exactly the table's (float32), and `read(rows)` returns them with their labels like a feature cache."""
+    device = next(model.parameters()).device
+    model.eval()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    writer = ShardWriter(folder, (f"{number:05d}" for number in itertools.count()), shard_size, np.float32)
+    batches = tqdm(features.batches(batch_size), total=-(-len(features) // batch_size), desc="Concept scores",
+                   disable=not show_progress)
+    with torch.no_grad():
+        for maps, labels in batches:
+            writer.add(model(feature_maps=maps.to(device)).concept_scores.float().cpu().numpy(), labels.numpy())
+    shards = [{"name": name, "rows": rows} for name, rows in writer.close()]
+    write_index(folder, {
+        "row_shape": [model.config.num_concepts], "dtype": "float32", "shard_size": shard_size, "shards": shards,
+        "content": {"concept_scores_of": str(features.path)},
+    })  # fmt: skip
+    return FeatureCache.open(folder)
+
+
 # ---- how many concepts each class uses: functions of the concept→class weights W (C, K) ----------------
 #
 # Logits are s · ReLU(W)ᵀ, so W and c·W (c > 0) make the same predictions. A count of weights above a fixed
@@ -300,6 +330,7 @@ __all__ = [
     "ConceptStats",
     "GroundingSummary",
     "UsageSummary",
+    "concept_score_store",
     "concept_score_table",
     "concepts_for_weight_mass",
     "concepts_per_class",

@@ -107,7 +107,7 @@ def initialize_concepts(
         return
     vectors, labels = train_cache.feature_vectors(max_vectors=max_vectors, seed=seed)
     if num_concepts > len(vectors):
-        num_images, _, height, width = train_cache.features.shape
+        num_images, _, height, width = train_cache.shape
         sampled = max_vectors is not None and num_images * height * width > max_vectors
         limit = f" in a sample of --kmeans_max_vectors {max_vectors} locations (raise it)" if sampled else ""
         raise ValueError(

@@ -45,7 +45,7 @@ def grounding_bank(cache: FeatureCache, max_vectors: int | None = None, seed: in
         default float16 cache (50 000 × 1280 → 128 MB).
     """
     vectors, _ = cache.feature_vectors(max_vectors=max_vectors, seed=seed)
-    return vectors.to(getattr(torch, str(cache.features.dtype)))
+    return vectors.to(getattr(torch, str(cache.dtype)))
 
 
 @torch.no_grad()
