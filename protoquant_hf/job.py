@@ -24,9 +24,10 @@ import logging
 import math
 import platform
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -38,7 +39,7 @@ from transformers import AutoConfig, AutoImageProcessor
 from .concepts import (
     ConceptStats,
     FeatureCache,
-    concept_score_table,
+    concept_score_store,
     extract_features,
     keep_top_k_per_class,
     prune_by_usage,
@@ -338,7 +339,7 @@ def store_gallery(ctx: RunContext) -> GalleryResult | None:
     if ctx.accelerator.is_main_process:
         gallery, ctx.final_stats = build_gallery(
             ctx.model, ctx.dataset["train"], ctx.processor, per_concept=per_concept, features=ctx.train_cache,
-            stats=ctx.final_stats, dataset_name=ctx.data_args.dataset, show_progress=ctx.show_progress,
+            stats=ctx.final_stats, dataset_name=dataset_name(ctx.data_args), show_progress=ctx.show_progress,
         )
         folder = gallery.save(ctx.work)
         size = sum(path.stat().st_size for path in folder.iterdir())
@@ -361,21 +362,34 @@ def draw_figures(ctx: RunContext) -> FiguresResult | None:
     if (ctx.work / "gallery").exists():
         gallery = ConceptGallery.load(ctx.work)
         gallery.check_matches(ctx.model)
-    test = ctx.dataset["test"]
-    labels = list(test["label"])
-    rows = [labels.index(c) for c in range(ctx.model.config.num_labels) if c in labels][:count]
-    images = [test[row]["image"] for row in rows]
+    labels, images = first_image_per_class(ctx.dataset["test"], ctx.model.config.num_labels, count)
     files = write_figures(
         ctx.model, ctx.work, stats=stats, gallery=gallery, images=images,
         image_processor=ctx.processor,
     )
     # The explained images themselves, as examples for the demo app.
     (ctx.work / "examples").mkdir(exist_ok=True)
-    for number, (row, image) in enumerate(zip(rows, images), start=1):
-        name = f"examples/{number}_{ctx.class_names[labels[row]]}.png"
+    for number, (label, image) in enumerate(zip(labels, images), start=1):
+        name = f"examples/{number}_{ctx.class_names[label]}.png"
         image.convert("RGB").save(ctx.work / name)
         files.append(name)
     return FiguresResult(files=files)
+
+
+def first_image_per_class(split, num_classes: int, count: int) -> tuple[list[int], list]:
+    """(labels, images) of the first image of each class in class order, at most `count`: from the label column of a
+    map-style split, or by reading a stream only until every class has been seen."""
+    if hasattr(split, "__getitem__") and hasattr(split, "__len__"):
+        labels = list(split["label"])
+        rows = [labels.index(c) for c in range(num_classes) if c in labels][:count]
+        return [labels[row] for row in rows], [split[row]["image"] for row in rows]
+    first = {}
+    for example in split:
+        first.setdefault(int(example["label"]), example["image"])
+        if len(first) == num_classes:
+            break
+    chosen = sorted(first)[:count]
+    return chosen, [first[label] for label in chosen]
 
 
 PHASES: tuple[Phase, ...] = (
@@ -421,15 +435,19 @@ def _train_head(ctx: RunContext, stage: str, epochs: int, **result_fields) -> He
     if args.mixup:
         num_classes = model.config.num_labels
         mixing = lambda inputs, labels, rng: mix_batch(inputs, labels, num_classes, rng=rng)  # noqa: E731
-    if train_concepts or args.mixup or ctx.augmented:
-        inputs, input_name = ctx.train_inputs, ctx.train_input_name
-    else:
-        inputs, input_name = concept_score_table(model, ctx.train_cache), "concept_scores"
     grounded = _grounded_concepts(ctx) if train_concepts and args.grounding_radius is not None else None
-    ctx.fit_stage(
-        stage, Objective(model, model_objective("head", input_name)), param_groups, inputs, epochs, transform_batch=mixing,
-        after_step=grounded.after_step if grounded else None, after_checkpoint=grounded.restart if grounded else None,
-    )
+    # The score table goes to disk beside the feature cache (bounded memory at any N), for this phase only.
+    with tempfile.TemporaryDirectory(prefix=".concept-scores-", dir=ctx.train_cache.path.parent) as scores_folder:
+        if train_concepts or args.mixup or ctx.augmented:
+            inputs, input_name = ctx.train_inputs, ctx.train_input_name
+        else:
+            inputs, input_name = concept_score_store(model, ctx.train_cache, scores_folder), "concept_scores"
+        ctx.fit_stage(
+            stage, Objective(model, model_objective("head", input_name)), param_groups, inputs, epochs,
+            transform_batch=mixing, after_step=grounded.after_step if grounded else None,
+            after_checkpoint=grounded.restart if grounded else None,
+        )
+        del inputs  # its memory maps close before the folder goes
     if grounded:
         grounded.finish()
     model.set_trainable("head")
@@ -503,6 +521,20 @@ def _finish(work: Path, output_dir: Path, model, processor, summary: TrainingSum
     publish(work, output_dir, is_training_run, leftovers=WORK_LEFTOVERS)
 
 
+def dataset_name(data_args: DataArguments) -> str:
+    """What summaries, cards and gallery indexes call the dataset: its name or path, or a description of an object."""
+    if isinstance(data_args.dataset, str):
+        return data_args.dataset
+    splits = ", ".join(f"{split}: {len(part)}" if hasattr(part, "__len__") else split for split, part in data_args.dataset.items())
+    return f"a {type(data_args.dataset).__name__} given in Python ({splits})"
+
+
+def _arguments_record(data_args: DataArguments) -> dict:
+    """`asdict` of the data arguments for the summary, the dataset object (if any) replaced by its description
+    (asdict would deep-copy it)."""
+    return asdict(replace(data_args, dataset=dataset_name(data_args)))
+
+
 def load_dataset_for(data_args: DataArguments):
     """The dataset a run with these arguments trains and evaluates on."""
     dataset = load_image_dataset(
@@ -511,6 +543,8 @@ def load_dataset_for(data_args: DataArguments):
         label_column=data_args.label_column,
         bad_images=data_args.bad_images,
         max_samples_per_split=data_args.max_samples_per_split,
+        streaming=data_args.streaming,
+        labels=data_args.labels,
         **({"name": data_args.dataset_config} if data_args.dataset_config else {}),
     )
     return hold_out_validation(dataset, data_args.validation_split) if data_args.validation_split else dataset
@@ -683,15 +717,15 @@ def _run_job(
 
     summary = TrainingSummary(
         dataset=DatasetInfo(
-            name=data_args.dataset, classes=class_names, train_size=len(train_cache), test_size=len(test_cache),
-            image_size=data_args.image_size, feature_map=list(train_cache.features.shape[1:]),
+            name=dataset_name(data_args), classes=class_names, train_size=len(train_cache), test_size=len(test_cache),
+            image_size=data_args.image_size, feature_map=list(train_cache.shape[1:]),
             test_split=dataset["test"].info.description or "the dataset's test split",
         ),
         phases={name: PhaseResult.from_dict(result) for name, result in progress.results.items()},
         feature_extraction_s=progress.feature_extraction_s,
         total_s=progress.total_s + time.perf_counter() - segment_started,
         processes=accelerator.num_processes,
-        arguments={"data": asdict(data_args), "model": asdict(model_args), "training": asdict(training_args)},
+        arguments={"data": _arguments_record(data_args), "model": asdict(model_args), "training": asdict(training_args)},
         versions={
             "protoquant_hf": __import__("protoquant_hf").__version__,
             "torch": torch.__version__,
@@ -715,7 +749,9 @@ def check_saved_model(output_dir: str | Path, data_args: DataArguments, num_imag
     from transformers import AutoModelForImageClassification, pipeline
 
     dataset = load_dataset_for(data_args)
-    images = [row["image"] for row in dataset["test"].select(range(min(num_images, len(dataset["test"]))))]
+    test = dataset["test"]
+    head = test.take(num_images) if not hasattr(test, "select") else test.select(range(min(num_images, len(test))))
+    images = [row["image"] for row in head]
     with quiet_transformers():
         model = AutoModelForImageClassification.from_pretrained(output_dir).eval()
     processor = AutoImageProcessor.from_pretrained(output_dir)

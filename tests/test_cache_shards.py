@@ -17,7 +17,7 @@ from transformers import BitImageProcessor
 
 import protoquant_hf.concepts.shards as shards_module
 from protoquant_hf import ProtoQuantConfig, ProtoQuantForImageClassification
-from protoquant_hf.concepts import FeatureCache, cache_key, extract_features
+from protoquant_hf.concepts import ConceptStats, FeatureCache, cache_key, extract_features, set_concepts
 from protoquant_hf.concepts.shards import ShardedArray, shard_order
 from protoquant_hf.data import make_image_transform
 
@@ -237,8 +237,8 @@ TWO_PROCESS_SCRIPT = """
 import json, sys
 sys.path.insert(0, {tests!r})
 from accelerate import Accelerator
-from test_cache_shards import images_dataset, inputs
-from protoquant_hf.concepts import extract_features
+from test_cache_shards import fixed_concepts, images_dataset, inputs
+from protoquant_hf.concepts import ConceptStats, extract_features
 
 accelerator = Accelerator(cpu=True)
 model, processor, transform = inputs()
@@ -247,9 +247,18 @@ arguments = dict(split="train", dtype="float32", batch_size=2, shard_size=3, cac
                  accelerator=accelerator)
 stream = extract_features(model, dataset.to_iterable_dataset(), processor, transform, **arguments)
 mapped = extract_features(model, dataset, processor, transform, **arguments)
+fixed_concepts(model)
+usage = ConceptStats.collect(model, stream, accelerator=accelerator).usage.tolist()  # each process counts its share
 if accelerator.is_main_process:
-    print(json.dumps({{"stream": str(stream.path), "mapped": str(mapped.path), "processes": accelerator.num_processes}}))
+    print(json.dumps({{"stream": str(stream.path), "mapped": str(mapped.path), "processes": accelerator.num_processes,
+                      "usage": usage}}))
 """
+
+
+def fixed_concepts(model) -> None:
+    """Seeded concepts, the same in every process and run (usage counts are then comparable)."""
+    num_concepts, hidden = model.codebook.concepts.shape
+    set_concepts(model, torch.randn(num_concepts, hidden, generator=torch.Generator().manual_seed(0)))
 
 
 def test_two_processes_extract_every_row_exactly_once(tmp_path):
@@ -280,6 +289,15 @@ def test_two_processes_extract_every_row_exactly_once(tmp_path):
     assert sorted(match.tolist()) == list(range(11))  # a permutation: no row twice, none missing
     assert distances[np.arange(11), match].max() < 1e-8
     assert np.array_equal(stream.labels, one.labels[match])
+    # Global counts stay global: the usage counted by 2 processes over their shares is the 1-process count.
+    fixed_concepts(model)
+    assert paths["usage"] == ConceptStats.collect(model, one).usage.tolist()
+    # The cache's row order of a 2-process stream can be replayed from the stream (the gallery reads images so).
+    replayed = [example["label"] for example in stream.examples_in_row_order(dataset.to_iterable_dataset())]
+    assert replayed == stream.labels.tolist() and len(replayed) == 11
+    images = [np.asarray(example["image"]) for example in stream.examples_in_row_order(dataset.to_iterable_dataset())]
+    assert [int(m) for m in match] == [next(i for i in range(11) if np.array_equal(images[row], np.asarray(dataset[i]["image"])))
+                                       for row in range(11)]
     # A lost shard of process 1's part is rebuilt by one process, from that part of the stream split for 2.
     expected = stream.to_numpy()
     (stream.path / "features-rank1-00001.npy").unlink()

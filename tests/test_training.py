@@ -219,7 +219,7 @@ def test_usage_based_pruning_on_real_features(image_folder, backbone_folder):
     cache = _cache(model, image_folder)
     initialize_concepts(model, cache, "kmeans", kmeans_iterations=5)
     stats = ConceptStats.collect(model, cache)
-    height, width = cache.features.shape[-2:]
+    height, width = cache.shape[-2:]
     assert stats.usage.sum() == len(cache) * height * width
     kept_before = model.classifier.weight.detach().clone()
     history = prune_by_usage(model, lambda m: ConceptStats.collect(m, cache).usage, target_num_concepts=4, steps=2)
@@ -235,9 +235,9 @@ def test_cache_reused_and_invalidated(image_folder, backbone_folder):
     first = _cache(model, image_folder)
     again = _cache(model, image_folder)
     assert again.path == first.path
-    np.testing.assert_array_equal(np.asarray(again.features), np.asarray(first.features))
+    np.testing.assert_array_equal(again.to_numpy(), first.to_numpy())
     resized = _cache(model, image_folder, processor_size=48)  # preprocessing changed
-    assert resized.path != first.path and resized.features.shape[-1] != first.features.shape[-1]
+    assert resized.path != first.path and resized.shape[-1] != first.shape[-1]
     other = ProtoQuantForImageClassification.from_backbone(str(backbone_folder), num_concepts=4, id2label={0: "a", 1: "b", 2: "c"})
     with torch.no_grad():
         other.protoquant.backbone.embedder.embedder.convolution.weight.mul_(2)  # another backbone's weights
@@ -367,7 +367,7 @@ def test_two_processes_match_one_process(image_folder, backbone_folder, tmp_path
     torch.testing.assert_close(model_two.codebook.concepts, model_one.codebook.concepts, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(model_two.classifier.weight, model_one.classifier.weight, rtol=1e-3, atol=1e-3)
     # The gallery of two processes comes from their combined grounding pass: the patches one pass finds.
-    entries = [FeatureCache.open(meta.parent) for meta in (tmp_path / "cache").rglob("meta.json")]
+    entries = [FeatureCache.open(index.parent) for index in (tmp_path / "cache").rglob("index.json")]
     train_cache = next(entry for entry in entries if entry.meta["split"] == "train")
     gallery = ConceptGallery.load(tmp_path / "two")
     one_pass = ConceptStats.collect(model_two.eval(), train_cache, top_n=gallery.info["per_concept"])
@@ -387,7 +387,7 @@ def test_augmented_training_runs_the_backbone_on_fresh_pixels(image_folder, back
     data, model, training = run_args(image_folder, backbone_folder, tmp_path / "augmented", stage1_epochs=1, stage2_epochs=1)
     data.augment, data.cache_dir = True, str(tmp_path / "fresh-cache")  # fresh cache: extraction counted too
     summary = train_protoquant(data, model, training)
-    extraction = 48 + 24 + 2  # both caches (+ one probe image each)
+    extraction = 48 + 24  # both caches, each image once
     # every training epoch (one in each stage) ran the backbone over all 48 training images again
     assert sum(calls) == extraction + 2 * 48
     assert summary.arguments["data"]["augment"] is True
@@ -480,6 +480,37 @@ def test_validation_split_trains_on_the_rest_and_reports_the_held_out_part(image
     with torch.no_grad():
         predictions = saved(pixel_values=batch["pixel_values"]).logits.argmax(-1)
     assert summary.accuracy == pytest.approx(float((predictions == batch["labels"]).float().mean()))
+
+
+def test_a_stream_and_a_dataset_object_train_the_same_model_as_the_folder(image_folder, backbone_folder, tmp_path):
+    """--streaming (features extracted shard by shard from an IterableDataset; score table, gallery and figures read
+    through the cache's row order) and a DatasetDict given in Python: the same seed gives the same model."""
+    def run(name, **data_fields):
+        data, model, training = run_args(image_folder, backbone_folder, tmp_path / name, gallery_per_concept=2, explain_test_images=2)
+        for key, value in data_fields.items():
+            setattr(data, key, value)
+        return train_protoquant(data, model, training), _final_model(tmp_path / name)
+
+    folder_summary, folder = run("folder")
+    stream_summary, stream = run("stream", streaming=True)
+    object_summary, given = run("object", dataset=load_image_dataset(str(image_folder)))
+    for summary, model in ((stream_summary, stream), (object_summary, given)):
+        torch.testing.assert_close(model.codebook.concepts, folder.codebook.concepts)
+        torch.testing.assert_close(model.classifier.weight, folder.classifier.weight)
+        assert summary.accuracy == folder_summary.accuracy
+        assert (summary.dataset.train_size, summary.dataset.test_size) == (folder_summary.dataset.train_size, folder_summary.dataset.test_size)
+    assert stream_summary.arguments["data"]["streaming"] is True
+    assert object_summary.dataset.name.startswith("a DatasetDict given in Python")
+    folder_gallery, stream_gallery = ConceptGallery.load(tmp_path / "folder"), ConceptGallery.load(tmp_path / "stream")
+    assert np.array_equal(stream_gallery.rows, folder_gallery.rows)  # the stream's patches are the same training images'
+    assert (tmp_path / "stream" / "examples").is_dir()
+
+
+def test_streaming_refuses_augment_and_a_dataset_of_another_type():
+    with pytest.raises(ValueError, match="--augment needs random access"):
+        DataArguments(streaming=True, augment=True)
+    with pytest.raises(TypeError, match="DatasetDict"):
+        DataArguments(dataset=["not", "a", "dataset"])
 
 
 def test_random_augment_is_seeded_and_keeps_size():

@@ -932,13 +932,23 @@ def _stream_dataset(
     if os.path.isdir(name) and not load_dataset_kwargs:
         _check_image_folder(Path(name))
     streams = _load_stream(name, cache_dir, load_dataset_kwargs)
+    return _standard_streams(
+        streams, image_column=image_column, label_column=label_column, labels=labels, test_size=test_size, seed=seed,
+        bad_images=bad_images, local=_is_local(name, load_dataset_kwargs),
+    )  # fmt: skip
+
+
+def _standard_streams(
+    streams: Mapping[str, IterableDataset], *, image_column: str, label_column: str, labels: list[str] | None,
+    test_size: float, seed: int, bad_images: Literal["error", "skip"], local: bool,
+) -> dict[str, IterableDataset]:  # fmt: skip
+    """Any ``{split: IterableDataset}`` as lazy ``train`` / ``test`` streams with ``image`` / ``label`` columns."""
     names, label_ids = _stream_classes(streams, image_column, label_column, labels)  # may raise; reads no row
     streams = {
         split: _standardize_stream(stream, image_column, label_column, names, label_ids)
         for split, stream in streams.items()
     }
     streams = _ensure_train_test_stream(streams, test_size, seed)
-    local = _is_local(name, load_dataset_kwargs)
     return {split: _decode_stream(stream, split, local, bad_images) for split, stream in streams.items()}
 
 
@@ -948,7 +958,7 @@ def _stream_dataset(
 
 
 def load_image_dataset(
-    name_or_path: str | os.PathLike,
+    name_or_path: str | os.PathLike | DatasetDict | IterableDatasetDict,
     *,
     image_column: str = "image",
     label_column: str = "label",
@@ -982,8 +992,9 @@ def load_image_dataset(
     ```
 
     Args:
-        name_or_path: A bundled name (:data:`BUNDLED_DATASETS`), a local folder, or anything
-            ``datasets.load_dataset`` accepts (Hub id, ``"parquet"`` with ``data_files=``, …).
+        name_or_path: A bundled name (:data:`BUNDLED_DATASETS`), a local folder, anything
+            ``datasets.load_dataset`` accepts (Hub id, ``"parquet"`` with ``data_files=``, …), or a ``DatasetDict`` /
+            ``IterableDatasetDict`` object (standardised the same way: columns, labels, splits, bad images).
         image_column: Column holding images (renamed to ``image``).
         label_column: Column holding class labels (renamed to ``label``; ints and strings become ``ClassLabel``).
         test_size: Fraction held out as ``test`` when the source has neither ``test`` nor ``validation``.
@@ -1028,7 +1039,8 @@ def load_image_dataset(
     """
     if bad_images not in ("error", "skip"):
         raise ValueError(f"bad_images must be 'error' or 'skip', got {bad_images!r}.")
-    name = os.fspath(name_or_path)
+    given = isinstance(name_or_path, (DatasetDict, IterableDatasetDict))  # an object, not a name
+    name = "a dataset object" if given else os.fspath(name_or_path)
     for option, value, dataset_name in (
         ("synthetic_parts", synthetic_parts, _SYNTHETIC_PARTS), ("synthetic_stream", synthetic_stream, _SYNTHETIC_STREAM)
     ):  # fmt: skip
@@ -1038,6 +1050,17 @@ def load_image_dataset(
                 f"{option}=, or load {dataset_name!r}."
             )
     labels = _checked_labels(labels)
+    if isinstance(name_or_path, IterableDatasetDict):  # a stream object given in Python: checked as it is read
+        streams = _standard_streams(
+            name_or_path, image_column=image_column, label_column=label_column, labels=labels, test_size=test_size,
+            seed=seed, bad_images=bad_images, local=True,
+        )  # fmt: skip
+        return IterableDatasetDict(_first_rows(streams, max_samples_per_split))
+    if isinstance(name_or_path, DatasetDict):
+        dataset = _encode_labels(_standardize_columns(name_or_path, image_column, label_column), labels)
+        dataset = DatasetDict({split: _validate_images(part, split, bad_images) for split, part in dataset.items()})
+        dataset = _stratified_subsets(_ensure_train_test(dataset, test_size, seed), max_samples_per_split, seed)
+        return _arrow_as_stream(dataset) if streaming else dataset
     if name == _SYNTHETIC_STREAM:
         return _synthetic_stream_dataset(synthetic_stream, streaming, labels, max_samples_per_split)
     if streaming and name not in _BUNDLED and name != _SYNTHETIC_PARTS:
@@ -1045,9 +1068,7 @@ def load_image_dataset(
             name, image_column=image_column, label_column=label_column, labels=labels, test_size=test_size,
             seed=seed, bad_images=bad_images, cache_dir=cache_dir, load_dataset_kwargs=load_dataset_kwargs,
         )  # fmt: skip
-        if max_samples_per_split is not None:
-            streams = {split: stream.take(max_samples_per_split) for split, stream in streams.items()}
-        return IterableDatasetDict(streams)
+        return IterableDatasetDict(_first_rows(streams, max_samples_per_split))
 
     if name == _SYNTHETIC_PARTS:
         dataset = _synthetic_parts_dataset(synthetic_parts, cache_dir)
@@ -1070,17 +1091,28 @@ def load_image_dataset(
         dataset = _ensure_train_test(dataset, test_size, seed)
     if name == _SYNTHETIC_PARTS or name in _BUNDLED:
         _check_class_names(dataset["train"].features["label"].names, labels, repr(name))
-    if max_samples_per_split is not None:
-        dataset = DatasetDict(
-            {
-                split: _stratified_partition(part, max_samples_per_split, seed)[0]
-                if len(part) > max_samples_per_split
-                else part
-                for split, part in dataset.items()
-            }
-        )
+    dataset = _stratified_subsets(dataset, max_samples_per_split, seed)
     # Bundled data streams from its cached Arrow copy, after the same subsampling: both modes yield the same rows.
     return _arrow_as_stream(dataset) if streaming else dataset
+
+
+def _stratified_subsets(dataset: DatasetDict, max_samples_per_split: int | None, seed: int) -> DatasetDict:
+    """Each split, or a seeded stratified subset of ``max_samples_per_split`` of it."""
+    if max_samples_per_split is None:
+        return dataset
+    return DatasetDict(
+        {
+            split: _stratified_partition(part, max_samples_per_split, seed)[0] if len(part) > max_samples_per_split else part
+            for split, part in dataset.items()
+        }
+    )
+
+
+def _first_rows(streams: Mapping[str, IterableDataset], max_samples_per_split: int | None) -> dict[str, IterableDataset]:
+    """Each stream, or its first ``max_samples_per_split`` rows (a stream cannot be subsampled without reading it)."""
+    if max_samples_per_split is None:
+        return dict(streams)
+    return {split: stream.take(max_samples_per_split) for split, stream in streams.items()}
 
 
 def _synthetic_stream_dataset(

@@ -9,6 +9,7 @@ processed once, under the backbone's box rule, and kept as small thumbnails.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterator
 
 import numpy as np
 import PIL.Image
@@ -26,6 +27,24 @@ def _feature_batches(model, dataset, transform, batch_size: int):
     with torch.no_grad():
         for batch in loader:
             yield model.forward_features(batch["pixel_values"].to(parameter.device)), batch["labels"]
+
+
+def _examples_at(dataset, rows: list[int], features: FeatureCache | None) -> Iterator[tuple[int, dict]]:
+    """(row, example) for the sorted `rows`: by index in a map-style dataset; a stream is read once, in the cache's
+    row order, only up to the last row wanted."""
+    if hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__"):
+        yield from ((row, dataset[row]) for row in rows)
+        return
+    if features is None:
+        raise ValueError("A gallery of a streamed split needs its feature cache (features=...), which fixes the row order.")
+    wanted = iter(rows)
+    target = next(wanted, None)
+    for row, example in enumerate(features.examples_in_row_order(dataset)):
+        if target is None:
+            return
+        if row == target:
+            yield row, example
+            target = next(wanted, None)
 
 
 def build_gallery(
@@ -86,8 +105,8 @@ def build_gallery(
     boxes = np.full((num_concepts, per_concept, 4), -1, dtype=np.int64)
     patch_size = getattr(model.config.backbone_config, "patch_size", None)
     image_size = None
-    for row in sorted(wanted):
-        pixels = transform({"image": [dataset[row]["image"]]})["pixel_values"][0]
+    for row, example in _examples_at(dataset, sorted(wanted), features):
+        pixels = transform({"image": [example["image"]]})["pixel_values"][0]
         image = PIL.Image.fromarray(pixels_to_image(pixels, image_processor.image_mean, image_processor.image_std))
         image_size = (image.height, image.width)
         for concept, slot in wanted[row]:

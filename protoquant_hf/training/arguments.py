@@ -20,8 +20,23 @@ class DataArguments:
     dataset: str = field(
         default="animal-mnist",
         metadata={
-            "help": "Bundled offline set (animal-mnist, fashion-mnist, digits, synthetic-parts), a local image folder "
-            "(class sub-folders), or a Hub dataset id."
+            "help": "Bundled offline set (animal-mnist, fashion-mnist, digits, synthetic-parts, synthetic-stream), a "
+            "local image folder (class sub-folders) or parquet/webdataset shards, or a Hub dataset id. From Python also "
+            "a datasets.DatasetDict or IterableDatasetDict object."
+        },
+    )
+    streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "Stream the dataset (datasets' streaming=True) instead of downloading or converting it first: "
+            "features are extracted shard by shard as images arrive, memory stays bounded however many there are."
+        },
+    )
+    labels: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Class names in class-id order, for a stream whose label column is not a ClassLabel (its classes "
+            "cannot be known without reading every row)."
         },
     )
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
@@ -62,6 +77,18 @@ class DataArguments:
     def __post_init__(self):
         # The backbone's own minimum (its downsampling or patch size) is checked when the backbone is known,
         # still before any data is read.
+        from datasets import DatasetDict, IterableDatasetDict
+
+        if not isinstance(self.dataset, (str, DatasetDict, IterableDatasetDict)):
+            raise TypeError(
+                f"dataset must be a name or path, a datasets.DatasetDict or an IterableDatasetDict; got "
+                f"{type(self.dataset).__name__} (wrap single splits: DatasetDict(train=..., test=...))."
+            )
+        if self.streaming and self.augment:
+            raise ValueError(
+                "--augment needs random access to the training images (every epoch re-reads them), which a stream "
+                "does not give: drop --augment or --streaming."
+            )
         if self.image_size < 1:
             raise ValueError(f"--image_size must be a positive number of pixels, got {self.image_size}.")
         if self.max_samples_per_split is not None and self.max_samples_per_split < 2:
