@@ -26,6 +26,7 @@ import platform
 import shutil
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -34,6 +35,7 @@ import torch
 import transformers
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from datasets import IterableDataset
 from transformers import AutoConfig, AutoImageProcessor
 
 from .concepts import (
@@ -46,6 +48,7 @@ from .concepts import (
     prune_concepts,
     remove_unused_concepts,
     set_concepts,
+    stream_description,
 )
 from .data import hold_out_validation, load_image_dataset, make_image_transform, with_image_size
 from .explain import ConceptGallery, build_gallery, write_figures
@@ -535,6 +538,25 @@ def _arguments_record(data_args: DataArguments) -> dict:
     return asdict(replace(data_args, dataset=dataset_name(data_args)))
 
 
+def stream_identity(data_args: DataArguments, split_data, split: str) -> dict | None:
+    """What tells this run's stream from any other in the feature-cache key (None for map-style data, which the cache
+    hashes). A stream cannot be hashed without reading it all, so its key is what loaded it: the data arguments
+    that choose and cut it (`max_samples_per_split` is a `take(n)`, invisible on the stream itself), with the
+    stream's public description (info and a hash of its first rows). A stream object given in Python cannot be
+    identified at all: it gets a key of its own, so its features are extracted again on every run, never mixed up."""
+    if not isinstance(split_data, IterableDataset):
+        return None
+    if not isinstance(data_args.dataset, str):
+        logger.info("The %s stream is an object: it cannot be identified without reading it, so its features are "
+                    "extracted anew (load it by name to reuse the cache).", split)
+        return {"stream object": uuid.uuid4().hex}
+    arguments = {name: getattr(data_args, name) for name in (
+        "dataset", "dataset_config", "image_column", "label_column", "max_samples_per_split", "labels", "bad_images",
+        "validation_split",
+    )}  # fmt: skip
+    return {"arguments": arguments, "split": split, "stream": stream_description(split_data)}
+
+
 def load_dataset_for(data_args: DataArguments):
     """The dataset a run with these arguments trains and evaluates on."""
     dataset = load_image_dataset(
@@ -682,8 +704,13 @@ def _run_job(
         accelerator=accelerator, dtype=data_args.feature_dtype, batch_size=training_args.extraction_batch_size,
         cache_dir=data_args.cache_dir, show_progress=not training_args.disable_tqdm,
     )
-    train_cache = extract_features(model, dataset["train"], processor, transform, split="train", **extract)
-    test_cache = extract_features(model, dataset["test"], processor, transform, split="test", **extract)
+    train_cache, test_cache = (
+        extract_features(
+            model, dataset[split], processor, transform, split=split,
+            content_description=stream_identity(data_args, dataset[split], split), **extract,
+        )
+        for split in ("train", "test")
+    )
     progress.feature_extraction_s += time.perf_counter() - tick
     if data_args.augment:
         # Training epochs read freshly augmented images through the frozen backbone; the cache

@@ -19,7 +19,7 @@ import protoquant_hf.concepts.shards as shards_module
 from protoquant_hf import ProtoQuantConfig, ProtoQuantForImageClassification
 from protoquant_hf.concepts import ConceptStats, FeatureCache, cache_key, extract_features, set_concepts
 from protoquant_hf.concepts.shards import ShardedArray, shard_order
-from protoquant_hf.data import make_image_transform
+from protoquant_hf.data import make_image_transform, synthetic_stream
 
 TESTS = Path(__file__).resolve().parent
 SIZES = [(32, 32), (40, 36), (36, 48), (32, 64)]  # mixed sizes: the transform must bring them all to 32 x 32
@@ -306,3 +306,10 @@ def test_two_processes_extract_every_row_exactly_once(tmp_path):
                                 batch_size=2, shard_size=3, cache_dir=tmp_path / "cache", show_progress=False)
     assert str(repaired.path) == paths["stream"]
     np.testing.assert_allclose(repaired.to_numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_synthetic_streams_of_two_lengths_have_two_keys():
+    """Their first images are the same: only the description (their length, in the stream's info) tells them apart."""
+    model, processor, _ = inputs()
+    keys = {cache_key(model, processor, synthetic_stream(size), "train", "float16") for size in (20, 30)}
+    assert len(keys) == 2

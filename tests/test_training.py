@@ -1,6 +1,7 @@
 """Two-stage training on a tiny random backbone and a small generated image folder."""
 
 import json
+from dataclasses import replace
 import os
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from protoquant_hf import ProtoQuantForImageClassification, ProtoQuantImageProce
 from protoquant_hf.concepts import ConceptStats, FeatureCache, extract_features, prune_by_usage
 from protoquant_hf.explain import ConceptGallery
 from protoquant_hf.data import hold_out_validation, make_image_transform, with_image_size
+from protoquant_hf.job import stream_identity
 from protoquant_hf.modeling_protoquant import ProtoQuantModel
 from protoquant_hf.training import (
     DataArguments,
@@ -504,6 +506,18 @@ def test_a_stream_and_a_dataset_object_train_the_same_model_as_the_folder(image_
     folder_gallery, stream_gallery = ConceptGallery.load(tmp_path / "folder"), ConceptGallery.load(tmp_path / "stream")
     assert np.array_equal(stream_gallery.rows, folder_gallery.rows)  # the stream's patches are the same training images'
     assert (tmp_path / "stream" / "examples").is_dir()
+    # A cut stream is another stream: its first rows and info are the full stream's, its cache entry is not.
+    cut_summary, _ = run("cut", streaming=True, max_samples_per_split=6)
+    assert (cut_summary.dataset.train_size, cut_summary.dataset.test_size) == (6, 6)
+
+
+def test_a_stream_object_is_never_mistaken_for_another():
+    stream = load_image_dataset("synthetic-stream", streaming=True, synthetic_stream={"num_images": 20, "num_test_images": 10})
+    by_name = DataArguments(dataset="synthetic-stream", streaming=True)
+    assert stream_identity(by_name, stream["train"], "train") != stream_identity(replace(by_name, max_samples_per_split=5), stream["train"], "train")
+    given = DataArguments(dataset=stream)
+    assert stream_identity(given, stream["train"], "train") != stream_identity(given, stream["train"], "train")
+    assert stream_identity(by_name, load_image_dataset("digits")["train"], "train") is None  # map-style: hashed instead
 
 
 def test_streaming_refuses_augment_and_a_dataset_of_another_type():

@@ -9,7 +9,15 @@ never each other.
 ``edit_log`` user edits through those functions, each recorded in the edit log saved with the model
 """
 
-from .cache import CacheEntryError, FeatureCache, backbone_fingerprint, cache_key, dataset_content, extract_features
+from .cache import (
+    CacheEntryError,
+    FeatureCache,
+    backbone_fingerprint,
+    cache_key,
+    dataset_content,
+    extract_features,
+    stream_description,
+)
 from .edit_log import EDIT_OPERATIONS, EditRecord, edit_log, edit_model
 from .editing import (
     disable_concept,
@@ -61,6 +69,7 @@ __all__ = [
     "remove_unused_concepts",
     "scale_weight",
     "set_concepts",
+    "stream_description",
     "set_weight",
     "top_k_mask",
 ]

@@ -108,7 +108,7 @@ def dataset_content(dataset: Dataset | IterableDataset, content_description: dic
     `content_description` also replaces the hash of a map-style dataset too large to hash on every run.
     """
     if isinstance(dataset, IterableDataset):
-        return {"type": "stream", "description": content_description or _stream_description(dataset)}
+        return {"type": "stream", "description": content_description or stream_description(dataset)}
     if content_description is not None:
         return {"type": "dataset", "num_rows": len(dataset), "description": content_description}
     return {"type": "dataset", "num_rows": len(dataset), "sha256": _arrow_sha256(dataset)}
@@ -129,9 +129,11 @@ def _arrow_sha256(dataset: Dataset) -> str:
     return digest.hexdigest()
 
 
-def _stream_description(stream: IterableDataset) -> dict:
+def stream_description(stream: IterableDataset) -> dict:
     """Default description of a stream: its public info, and a hash of its first rows undecoded (the image bytes or
-    paths), so that two local streams with the same builder ("imagefolder") and features still differ."""
+    paths), so that two local streams with the same builder ("imagefolder") and features still differ. It cannot see
+    how a stream was cut (`take(n)` keeps info and first rows): callers that cut streams add that to the description
+    (the training job adds its data arguments)."""
     info = stream.info
     head = hashlib.sha256()
     for example in itertools.islice(iter(stream.decode(False)), _STREAM_HEAD_ROWS):
@@ -140,6 +142,7 @@ def _stream_description(stream: IterableDataset) -> dict:
         "builder_name": info.builder_name,
         "dataset_name": info.dataset_name,
         "config_name": info.config_name,
+        "description": info.description,
         "version": str(info.version) if info.version is not None else None,
         "split": str(stream.split) if stream.split is not None else None,
         "download_checksums": info.download_checksums,
@@ -638,6 +641,7 @@ __all__ = [
     "FeatureCache",
     "backbone_fingerprint",
     "cache_key",
+    "stream_description",
     "dataset_content",
     "extract_features",
 ]

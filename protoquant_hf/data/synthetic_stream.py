@@ -29,6 +29,7 @@ from __future__ import annotations
 import colorsys
 import dataclasses
 import functools
+import json
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -228,7 +229,12 @@ def synthetic_stream(
         "num_images": num_images, "num_shards": num_shards, "num_classes": num_classes, "image_size": image_size,
         "seed": seed, "split_id": _split_id(split),
     }  # fmt: skip
-    return IterableDataset.from_generator(_generate, features=_features(num_classes), gen_kwargs=gen_kwargs, split=split)
+    stream = IterableDataset.from_generator(_generate, features=_features(num_classes), gen_kwargs=gen_kwargs, split=split)
+    # What the stream is, in its public info: a stream cannot be hashed without reading it all, so the feature cache
+    # tells streams apart by their description (two lengths of this stream share their first images).
+    settings = {key: value for key, value in gen_kwargs.items() if key != "shard_ids"}
+    stream.info.description = f"synthetic-stream v{SYNTHETIC_STREAM_VERSION} " + json.dumps(settings, sort_keys=True)
+    return stream
 
 
 def generate_synthetic_stream(
