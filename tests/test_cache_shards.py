@@ -313,3 +313,22 @@ def test_synthetic_streams_of_two_lengths_have_two_keys():
     model, processor, _ = inputs()
     keys = {cache_key(model, processor, synthetic_stream(size), "train", "float16") for size in (20, 30)}
     assert len(keys) == 2
+
+
+def test_a_bf16_backbone_pass_is_its_own_entry(tmp_path):
+    """--mixed_precision bf16 runs extraction under the accelerator's autocast: other features, so another key."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    model, processor, transform = inputs()
+    dataset = images_dataset(6)
+    arguments = dict(split="train", dtype="float32", cache_dir=tmp_path, show_progress=False)
+    full = extract_features(model, dataset, processor, transform, accelerator=Accelerator(cpu=True), **arguments)
+    AcceleratorState._reset_state(True)  # the state is a process singleton; its precision is fixed at creation
+    try:
+        half = extract_features(model, dataset, processor, transform, accelerator=Accelerator(cpu=True, mixed_precision="bf16"), **arguments)
+    finally:
+        AcceleratorState._reset_state(True)
+    assert half.path != full.path
+    difference = np.abs(half.to_numpy() - full.to_numpy())
+    assert 0 < difference.max() < 0.02 * np.abs(full.to_numpy()).max()  # bf16 rounding: close, not equal

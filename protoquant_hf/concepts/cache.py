@@ -172,7 +172,7 @@ def _hash_value(digest, value) -> None:
         digest.update(json.dumps(value, default=str).encode())
 
 
-def _entry_key(model, image_processor, content: dict, split: str, dtype: str) -> str:
+def _entry_key(model, image_processor, content: dict, split: str, dtype: str, precision: str = "no") -> str:
     parts = {
         "version": CACHE_FORMAT_VERSION,
         "backbone": backbone_fingerprint(model),
@@ -181,15 +181,19 @@ def _entry_key(model, image_processor, content: dict, split: str, dtype: str) ->
         "split": split,
         "dtype": dtype,
     }
+    if precision != "no":  # a bf16 / fp16 backbone pass computes other features (float32 entries keep their keys)
+        parts["precision"] = precision
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
 def cache_key(
-    model, image_processor, dataset: Dataset | IterableDataset, split: str, dtype: str, content_description: dict | None = None
+    model, image_processor, dataset: Dataset | IterableDataset, split: str, dtype: str, content_description: dict | None = None,
+    precision: str = "no",
 ) -> str:
     """Everything that determines the cached features, hashed into a folder name (see `dataset_content` for the
-    dataset's part; the shard size and the number of processes are not part of it)."""
-    return _entry_key(model, image_processor, dataset_content(dataset, content_description), split, dtype)
+    dataset's part; the backbone pass's mixed precision is part of it; the shard size and the number of processes are
+    not)."""
+    return _entry_key(model, image_processor, dataset_content(dataset, content_description), split, dtype, precision)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -385,7 +389,7 @@ def extract_features(
     plan: list = [None]  # what the lock holder decided, for every process
     if accelerator.is_main_process:
         content = dataset_content(dataset, content_description)
-        final = root / _entry_key(model, image_processor, content, split, dtype)
+        final = root / _entry_key(model, image_processor, content, split, dtype, str(accelerator.mixed_precision))
         root.mkdir(parents=True, exist_ok=True)
         # Another run may be building this very entry: wait for it (the lock dies with its holder).
         lock = FileLock(str(root / f".{final.name}.lock"))
@@ -577,7 +581,8 @@ def _run_tasks(model, dataset, transform, accelerator, plan: dict, folder: Path,
         else:
             names = (_stream_shard_name(task["rank"], position) for position in itertools.count(task["first_shard"]))
         writer = ShardWriter(folder, names, shard_size, STORAGE_DTYPES[dtype])
-        with torch.inference_mode():
+        # The accelerator's mixed precision (--mixed_precision bf16) runs the backbone pass in bf16 on GPU.
+        with torch.inference_mode(), accelerator.autocast():
             for batch in batches:
                 if "labels" not in batch:
                     raise ValueError("The transform returned no 'labels': the dataset needs a label column.")
