@@ -569,6 +569,13 @@ def load_dataset_for(data_args: DataArguments):
         labels=data_args.labels,
         **({"name": data_args.dataset_config} if data_args.dataset_config else {}),
     )
+    # A source with train/validation only has its validation split as "test" already.
+    if data_args.test_split != "test" and not (data_args.test_split == "validation" and "validation" not in dataset):
+        if data_args.test_split not in dataset:
+            raise ValueError(
+                f"--test_split {data_args.test_split!r}: the dataset has the splits {sorted(dataset)}; choose one of them."
+            )
+        dataset = type(dataset)({"train": dataset["train"], "test": dataset[data_args.test_split]})
     return hold_out_validation(dataset, data_args.validation_split) if data_args.validation_split else dataset
 
 

@@ -406,3 +406,20 @@ def test_transform_without_labels(bit_processor):
     batch = make_image_transform(bit_processor)({"image": [gray(0)]})
     assert set(batch) == {"pixel_values"}
     assert set(collate_fn([{"pixel_values": batch["pixel_values"][0]}])) == {"pixel_values"}
+
+
+def test_test_split_chooses_the_evaluation_split(tmp_path):
+    """--test_split validation: ImageNet-1k's test split has no labels, so it is evaluated on validation."""
+    from protoquant_hf.job import load_dataset_for
+    from protoquant_hf.training import DataArguments
+
+    layout = {f"{split}/{name}": [gray(value + i) for i in range(count)]
+              for split, count, value in (("train", 3, 10), ("validation", 2, 100), ("test", 1, 200))
+              for name in ("cat", "dog")}  # fmt: skip
+    root = write_folder(tmp_path / "data", layout)
+    chosen = load_dataset_for(DataArguments(dataset=str(root), test_split="validation"))
+    assert len(chosen["train"]) == 6 and len(chosen["test"]) == 4  # the validation images
+    assert {int(np.asarray(image)[0, 0]) // 100 for image in chosen["test"]["image"]} == {1}
+    assert len(load_dataset_for(DataArguments(dataset=str(root)))["test"]) == 2  # the test split by default
+    with pytest.raises(ValueError, match="choose one of them"):
+        load_dataset_for(DataArguments(dataset=str(root), test_split="holdout"))

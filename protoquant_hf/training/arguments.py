@@ -46,6 +46,13 @@ class DataArguments:
     max_samples_per_split: int | None = field(
         default=None, metadata={"help": "Use a stratified subset of at most this many images per split (quick runs)."}
     )
+    test_split: str = field(
+        default="test",
+        metadata={
+            "help": "Split to evaluate on: 'test' (or 'validation' when the source has no test split), or any split "
+            "the dataset has, e.g. validation for ImageNet-1k, whose test split has no labels."
+        },
+    )
     validation_split: float | None = field(
         default=None,
         metadata={
