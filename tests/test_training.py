@@ -564,3 +564,17 @@ def test_cli_output_is_one_bar_per_phase_and_a_table(image_folder, backbone_fold
     assert quiet.returncode == 0, quiet.stderr[-3000:]
     assert "it/s" not in quiet.stderr and "epoch/s" not in quiet.stderr and "batch/s" not in quiet.stderr
     assert "ProtoQuant accuracy" in quiet.stdout
+
+
+def test_the_imagenet_recipe_parses():
+    """examples/train_imagenet.sh passes only options `protoquant train` has, with valid values."""
+    import shlex
+
+    from transformers import HfArgumentParser
+
+    script = (REPO / "examples" / "train_imagenet.sh").read_text()
+    command = script.split("examples/train_protoquant.py", 1)[1].split('"$@"', 1)[0].replace("\\\n", " ")
+    argv = shlex.split(command.replace('"$CACHE"', "/tmp/cache").replace('"$OUTPUT"', "/tmp/out"))
+    data, model, training = HfArgumentParser((DataArguments, ModelArguments, ProtoQuantTrainingArguments)).parse_args_into_dataclasses(args=argv)
+    assert data.streaming and data.test_split == "validation" and data.image_size == 224
+    assert model.backbone == "facebook/convnext-tiny-224" and training.mixed_precision == "bf16"
