@@ -136,6 +136,18 @@ def test_concept_score_store_holds_the_table_on_disk_in_shards(tmp_path):
     assert FeatureCache.open(tmp_path / "scores").read(rows)[0].equal(scores)  # a real store on disk
 
 
+def test_the_kmeans_sample_is_bounded_seeded_and_made_of_real_locations():
+    cache = feature_cache(num_images=7)  # 7 images x 6 locations = 42 vectors, in shards of 3 images
+    everything, labels = cache.feature_vectors()
+    assert len(everything) == 42
+    sample, sample_labels = cache.feature_vectors(max_vectors=5, seed=1, batch_size=2)
+    assert sample.shape == (5, HIDDEN)  # the bound, however many locations there are
+    rows = [int(((everything - vector).abs().sum(dim=1) == 0).nonzero()[0]) for vector in sample]
+    assert len(set(rows)) == 5 and rows == sorted(rows) and torch.equal(sample_labels, labels[rows])  # distinct, in cache order
+    assert torch.equal(cache.feature_vectors(max_vectors=5, seed=1)[0], sample)  # batch size does not matter
+    assert not torch.equal(cache.feature_vectors(max_vectors=5, seed=2)[0], sample)
+
+
 def test_usage_summary():
     summary = UsageSummary.from_counts(torch.tensor([0, 4, 0, 10, 2]))
     assert (summary.num_concepts, summary.dead_concepts, summary.usage_max) == (5, 2, 10)

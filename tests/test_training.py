@@ -578,3 +578,11 @@ def test_the_imagenet_recipe_parses():
     data, model, training = HfArgumentParser((DataArguments, ModelArguments, ProtoQuantTrainingArguments)).parse_args_into_dataclasses(args=argv)
     assert data.streaming and data.test_split == "validation" and data.image_size == 224
     assert model.backbone == "facebook/convnext-tiny-224" and training.mixed_precision == "bf16"
+
+
+def test_a_stream_too_short_for_kmeans_is_one_clear_error(image_folder, backbone_folder, tmp_path):
+    data, model, training = run_args(image_folder, backbone_folder, tmp_path / "short")
+    data.streaming, data.max_samples_per_split, model.num_concepts = True, 2, 64
+    with pytest.raises(ValueError, match="needs at least K|Lower --num_concepts"):
+        train_protoquant(data, model, training)
+    assert not (tmp_path / "short").exists()  # nothing written
