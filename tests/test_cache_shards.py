@@ -332,3 +332,14 @@ def test_a_bf16_backbone_pass_is_its_own_entry(tmp_path):
     assert half.path != full.path
     difference = np.abs(half.to_numpy() - full.to_numpy())
     assert 0 < difference.max() < 0.02 * np.abs(full.to_numpy()).max()  # bf16 rounding: close, not equal
+
+
+def test_as_many_shards_stay_mapped_as_the_descriptor_limit_allows(monkeypatch):
+    """Every training batch touches every shard: keeping only 64 maps of a larger cache re-maps shards batch after
+    batch (15x slower reads at 123 shards). The default follows the file-descriptor limit each map uses."""
+    import resource
+
+    for soft, expected in ((1024, 512), (20_000, 10_000), (100, 64), (resource.RLIM_INFINITY, 16_384)):
+        monkeypatch.setattr(resource, "getrlimit", lambda _, soft=soft: (soft, resource.RLIM_INFINITY))
+        assert ShardedArray([np.zeros((1, 2))], [1], (2,), np.float32).max_open == expected
+    assert ShardedArray([np.zeros((1, 2))], [1], (2,), np.float32, max_open=3).max_open == 3
