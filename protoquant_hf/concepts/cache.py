@@ -286,9 +286,9 @@ class FeatureCache:
         for start in range(0, len(order), batch_size):
             yield self.read(order[start : start + batch_size])
 
-    def pooled(self, batch_size: int = 1024) -> torch.Tensor:
-        """Global-average-pooled features (N, D), the input of a linear probe."""
-        return torch.cat([features.mean(dim=(2, 3)) for features, _ in self.batches(batch_size)])
+    def pooled(self, batch_size: int = 1024, indices: np.ndarray | None = None) -> torch.Tensor:
+        """Global-average-pooled features (N, D) of all rows, or of `indices` in their order: a linear probe's input."""
+        return torch.cat([features.mean(dim=(2, 3)) for features, _ in self.batches(batch_size, indices)])
 
     def feature_vectors(
         self, max_vectors: int | None = None, seed: int = 0, batch_size: int = 512

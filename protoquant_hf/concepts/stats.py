@@ -221,15 +221,22 @@ def _numbered(batches: Iterable[tuple[torch.Tensor, torch.Tensor]]):
 
 
 @torch.no_grad()
-def concept_score_table(model, features: FeatureCache, batch_size: int = 256, show_progress: bool = False) -> torch.Tensor:
-    """`(N, K)` presence scores of every cached image (in cache row order), through the model's own forward.
-
-    With frozen concepts this table is all that head training and the size metrics read."""
+def _concept_score_batches(model, features: FeatureCache, batch_size: int, show_progress: bool):
+    """(presence scores float32 `(B, K)`, labels `(B,)`) of consecutive cache rows, through the model's own forward."""
     device = next(model.parameters()).device
     model.eval()
     batches = tqdm(features.batches(batch_size), total=-(-len(features) // batch_size), desc="Concept scores",
                    disable=not show_progress)
-    return torch.cat([model(feature_maps=maps.to(device)).concept_scores.float().cpu() for maps, _ in batches])
+    with torch.no_grad():
+        for maps, labels in batches:
+            yield model(feature_maps=maps.to(device)).concept_scores.float().cpu(), labels
+
+
+def concept_score_table(model, features: FeatureCache, batch_size: int = 256, show_progress: bool = False) -> torch.Tensor:
+    """`(N, K)` presence scores of every cached image (in cache row order), through the model's own forward.
+
+    With frozen concepts this table is all that head training and the size metrics read."""
+    return torch.cat([scores for scores, _ in _concept_score_batches(model, features, batch_size, show_progress)])
 
 
 def concept_score_store(
@@ -241,16 +248,11 @@ def concept_score_store(
     What frozen-concept head training reads, kept on disk (read through the page cache, like the feature maps), so
     memory holds one shard of scores however many images there are (10⁶ images × K = 2048 would be 8 GB in RAM). The
     values are exactly the table's (float32), and `read(rows)` returns them with their labels like a feature cache."""
-    device = next(model.parameters()).device
-    model.eval()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     writer = ShardWriter(folder, (f"{number:05d}" for number in itertools.count()), shard_size, np.float32)
-    batches = tqdm(features.batches(batch_size), total=-(-len(features) // batch_size), desc="Concept scores",
-                   disable=not show_progress)
-    with torch.no_grad():
-        for maps, labels in batches:
-            writer.add(model(feature_maps=maps.to(device)).concept_scores.float().cpu().numpy(), labels.numpy())
+    for scores, labels in _concept_score_batches(model, features, batch_size, show_progress):
+        writer.add(scores.numpy(), labels.numpy())
     shards = [{"name": name, "rows": rows} for name, rows in writer.close()]
     write_index(folder, {
         "row_shape": [model.config.num_concepts], "dtype": "float32", "shard_size": shard_size, "shards": shards,

@@ -42,12 +42,7 @@ def pooled_training_sample(cache, max_rows: int | None, seed: int = 0, batch_siz
     rows = np.arange(len(cache))
     if max_rows is not None and len(rows) > max_rows:
         rows = np.sort(np.random.default_rng(seed).choice(len(rows), size=max_rows, replace=False))
-    pooled, labels = [], []
-    for start in range(0, len(rows), batch_size):
-        maps, batch_labels = cache.read(rows[start : start + batch_size])
-        pooled.append(maps.mean(dim=(2, 3)))
-        labels.append(batch_labels)
-    return torch.cat(pooled), torch.cat(labels)
+    return cache.pooled(batch_size, indices=rows), torch.from_numpy(cache.labels[rows])
 
 
 __all__ = ["fit_linear_probe", "pooled_training_sample"]
