@@ -382,7 +382,7 @@ def draw_figures(ctx: RunContext) -> FiguresResult | None:
 def first_image_per_class(split, num_classes: int, count: int) -> tuple[list[int], list]:
     """(labels, images) of the first image of each class in class order, at most `count`: from the label column of a
     map-style split, or by reading a stream only until every class has been seen."""
-    if hasattr(split, "__getitem__") and hasattr(split, "__len__"):
+    if not isinstance(split, IterableDataset):
         labels = list(split["label"])
         rows = [labels.index(c) for c in range(num_classes) if c in labels][:count]
         return [labels[row] for row in rows], [split[row]["image"] for row in rows]
@@ -784,7 +784,7 @@ def check_saved_model(output_dir: str | Path, data_args: DataArguments, num_imag
 
     dataset = load_dataset_for(data_args)
     test = dataset["test"]
-    head = test.take(num_images) if not hasattr(test, "select") else test.select(range(min(num_images, len(test))))
+    head = test.take(num_images) if isinstance(test, IterableDataset) else test.select(range(min(num_images, len(test))))
     images = [row["image"] for row in head]
     with quiet_transformers():
         model = AutoModelForImageClassification.from_pretrained(output_dir).eval()

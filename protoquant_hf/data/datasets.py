@@ -396,21 +396,26 @@ def _synthetic_parts_dataset(
 
 
 def _load_with_datasets(
-    name: str, cache_dir: str | os.PathLike | None, load_dataset_kwargs: dict[str, Any]
-) -> DatasetDict:
-    """``datasets.load_dataset`` for folders and Hub names, with one clear error when nothing matches."""
+    name: str, cache_dir: str | os.PathLike | None, load_dataset_kwargs: dict[str, Any], streaming: bool = False
+) -> DatasetDict | dict[str, IterableDataset]:
+    """``datasets.load_dataset`` for folders and Hub names, with one clear error when nothing matches: a
+    ``DatasetDict``, or with ``streaming`` a ``{split: IterableDataset}`` dict."""
     try:
-        loaded = datasets.load_dataset(name, cache_dir=cache_dir, **load_dataset_kwargs)
+        loaded = datasets.load_dataset(name, cache_dir=cache_dir, streaming=streaming, **load_dataset_kwargs)
     except (FileNotFoundError, ConnectionError) as error:
         raise ValueError(
             f"Cannot load dataset {name!r}: it is not a bundled dataset ({', '.join(BUNDLED_DATASETS)}) nor an "
             f"existing folder, and datasets.load_dataset failed with: {error}"
         ) from error
-    if isinstance(loaded, Dataset):  # `split=` was given: that split is the training set
-        loaded = DatasetDict({"train": loaded})
-    if not isinstance(loaded, DatasetDict):
-        raise ValueError(f"Expected a map-style DatasetDict from {name!r}, got {type(loaded).__name__}.")
-    return loaded
+    if streaming:
+        split_type, dict_type, kind = IterableDataset, IterableDatasetDict, "streaming IterableDatasetDict"
+    else:
+        split_type, dict_type, kind = Dataset, DatasetDict, "map-style DatasetDict"
+    if isinstance(loaded, split_type):  # `split=` was given: that split is the training set
+        loaded = dict_type({"train": loaded})
+    if not isinstance(loaded, dict_type):
+        raise ValueError(f"Expected a {kind} from {name!r}, got {type(loaded).__name__}.")
+    return dict(loaded) if streaming else loaded
 
 
 def _check_columns(split: str, column_names: Sequence[str], image_column: str, label_column: str) -> None:
@@ -680,22 +685,6 @@ def _arrow_as_stream(dataset: DatasetDict) -> IterableDatasetDict:
     return IterableDatasetDict(streams)
 
 
-def _load_stream(name: str, cache_dir: str | os.PathLike | None, load_dataset_kwargs: dict[str, Any]) -> dict:
-    """``datasets.load_dataset(..., streaming=True)`` as ``{split: IterableDataset}``, with the map-style errors."""
-    try:
-        loaded = datasets.load_dataset(name, cache_dir=cache_dir, streaming=True, **load_dataset_kwargs)
-    except (FileNotFoundError, ConnectionError) as error:
-        raise ValueError(
-            f"Cannot load dataset {name!r}: it is not a bundled dataset ({', '.join(BUNDLED_DATASETS)}) nor an "
-            f"existing folder, and datasets.load_dataset failed with: {error}"
-        ) from error
-    if isinstance(loaded, IterableDataset):  # `split=` was given: that split is the training set
-        return {"train": loaded}
-    if not isinstance(loaded, IterableDatasetDict):
-        raise ValueError(f"Expected a streaming IterableDatasetDict from {name!r}, got {type(loaded).__name__}.")
-    return dict(loaded)
-
-
 def _stream_classes(
     streams: Mapping[str, IterableDataset], image_column: str, label_column: str, labels: list[str] | None
 ) -> tuple[list[str], _LabelIds | None]:
@@ -931,7 +920,7 @@ def _stream_dataset(
     """Local folders, local files and Hub datasets as lazy ``train`` / ``test`` streams (module docstring)."""
     if os.path.isdir(name) and not load_dataset_kwargs:
         _check_image_folder(Path(name))
-    streams = _load_stream(name, cache_dir, load_dataset_kwargs)
+    streams = _load_with_datasets(name, cache_dir, load_dataset_kwargs, streaming=True)
     return _standard_streams(
         streams, image_column=image_column, label_column=label_column, labels=labels, test_size=test_size, seed=seed,
         bad_images=bad_images, local=_is_local(name, load_dataset_kwargs),

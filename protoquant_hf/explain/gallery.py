@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import numpy as np
 import PIL.Image
 import torch
+from datasets import IterableDataset
 from torch.utils.data import DataLoader
 
 from ..concepts import ConceptStats, FeatureCache
@@ -32,7 +33,7 @@ def _feature_batches(model, dataset, transform, batch_size: int):
 def _examples_at(dataset, rows: list[int], features: FeatureCache | None) -> Iterator[tuple[int, dict]]:
     """(row, example) for the sorted `rows`: by index in a map-style dataset; a stream is read once, in the cache's
     row order, only up to the last row wanted."""
-    if hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__"):
+    if not isinstance(dataset, IterableDataset):
         yield from ((row, dataset[row]) for row in rows)
         return
     if features is None:
