@@ -12,6 +12,7 @@ import pytest
 from datasets import ClassLabel, Dataset, Features, IterableDataset, IterableDatasetDict, Value
 from datasets import Image as ImageFeature
 from datasets.distributed import split_dataset_by_node
+from test_data import write_folder
 
 from protoquant_hf.data import (
     SyntheticStreamConfig,
@@ -26,15 +27,6 @@ from protoquant_hf.data import datasets as data_module
 
 def gray(value: int, size: tuple[int, int] = (16, 16)) -> PIL.Image.Image:
     return PIL.Image.fromarray(np.full(size[::-1], value, dtype=np.uint8))
-
-
-def write_folder(root: Path, layout: dict[str, list[PIL.Image.Image]]) -> Path:
-    """Write ``{"sub/folder": [images]}`` as ``root/sub/folder/{i}.png``."""
-    for folder, images in layout.items():
-        (root / folder).mkdir(parents=True, exist_ok=True)
-        for index, image in enumerate(images):
-            image.save(root / folder / f"{index}.png")
-    return root
 
 
 def rows(split) -> list[tuple[bytes, int]]:

@@ -43,6 +43,7 @@ import PIL.Image
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, List, Value
 
 from ..image_processing_protoquant import MIN_IMAGE_SIZE
+from .config_fields import config_from_fields
 
 #: Version of the drawing and annotation layout. It is part of the cache folder name: bump it whenever generated
 #: images or annotations change for an unchanged config, so stale cached copies are rebuilt.
@@ -186,11 +187,7 @@ class SyntheticPartsConfig:
     @classmethod
     def from_dict(cls, fields: Mapping[str, Any]) -> SyntheticPartsConfig:
         """Build a config from a dict of its fields (missing ones take their defaults)."""
-        known = [field.name for field in dataclasses.fields(cls)]
-        unknown = sorted(set(fields) - set(known))
-        if unknown:
-            raise ValueError(f"Unknown SyntheticPartsConfig field(s) {unknown}; the fields are {known}.")
-        return cls(**fields)
+        return config_from_fields(cls, fields)
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as JSON-ready values (``part_size`` as a list)."""

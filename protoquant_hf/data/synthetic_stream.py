@@ -39,6 +39,7 @@ import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, IterableDataset, IterableDatasetDict
 
 from ..image_processing_protoquant import MIN_IMAGE_SIZE
+from .config_fields import config_from_fields
 
 #: Version of the drawing. Bump it whenever the images of an unchanged config change.
 SYNTHETIC_STREAM_VERSION = 1
@@ -83,11 +84,7 @@ class SyntheticStreamConfig:
     @classmethod
     def from_dict(cls, fields: Mapping[str, Any]) -> SyntheticStreamConfig:
         """Build a config from a dict of its fields (missing ones take their defaults)."""
-        known = [field.name for field in dataclasses.fields(cls)]
-        unknown = sorted(set(fields) - set(known))
-        if unknown:
-            raise ValueError(f"Unknown SyntheticStreamConfig field(s) {unknown}; the fields are {known}.")
-        return cls(**fields)
+        return config_from_fields(cls, fields)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
