@@ -222,9 +222,11 @@ class RunContext:
             if self.on_epoch_end is not None:
                 self.on_epoch_end(stage, epoch)
 
+        window = args.shuffle_window_shards
         fit(
             self.accelerator, objective, param_groups, inputs, self.train_cache.labels,
             epochs=epochs, batch_size=args.batch_size, seed=args.seed, warmup_ratio=args.warmup_ratio, desc=stage,
+            epoch_order=(lambda epoch: self.train_cache.shard_order(epoch, args.seed, window)) if window else None,
             start_epoch=progress.epoch if resuming else 0,
             restore=(lambda: self.accelerator.load_state(str(state))) if resuming and state.exists() else None,
             on_epoch_end=on_epoch_end, show_progress=self.show_progress, **kwargs,

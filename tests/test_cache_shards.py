@@ -224,6 +224,28 @@ def test_shard_order_shuffles_shards_then_rows_within_each():
     assert not np.array_equal(order, shard_order(counts, epoch=2, seed=0))
 
 
+def test_shard_window_order_mixes_the_rows_of_each_window_and_nothing_else():
+    counts = [4, 4, 2, 3, 4]
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    order = shard_order(counts, epoch=0, seed=3, window=2)
+    assert sorted(order.tolist()) == list(range(17))
+    shard_of = np.searchsorted(offsets, order, side="right") - 1
+    last_position = {shard: np.flatnonzero(shard_of == shard).max() for shard in range(len(counts))}
+    blocks, current, end = [], set(), -1
+    for position, shard in enumerate(shard_of):  # a block ends where every shard begun in it has ended
+        current.add(int(shard))
+        end = max(end, last_position[shard])
+        if position == end:
+            blocks.append(current)
+            current = set()
+    assert [len(block) for block in blocks] == [2, 2, 1]  # windows of 2 whole shards (the last of the 1 left)
+    first_window = shard_of[: sum(counts[i] for i in blocks[0])]
+    assert (np.diff(first_window) != 0).sum() > 1  # a window's rows are interleaved, not one shard after the other
+    assert np.array_equal(order, shard_order(counts, epoch=0, seed=3, window=2))
+    with pytest.raises(ValueError, match="at least 1 shard"):
+        shard_order(counts, epoch=0, seed=0, window=0)
+
+
 def test_sharded_array_reads_sorted_rows_across_shards():
     data = np.arange(26, dtype=np.float32).reshape(13, 2)
     store = ShardedArray([data[:5], data[5:9], data[9:]], [5, 4, 4], (2,), np.float32)  # rows of shape (K,)

@@ -1,5 +1,6 @@
 """Two-stage training on a tiny random backbone and a small generated image folder."""
 
+import functools
 import json
 from dataclasses import replace
 import os
@@ -19,7 +20,9 @@ from protoquant_hf import ProtoQuantForImageClassification, ProtoQuantImageProce
 from protoquant_hf.concepts import ConceptStats, FeatureCache, extract_features, prune_by_usage
 from protoquant_hf.explain import ConceptGallery
 from protoquant_hf.data import hold_out_validation, make_image_transform, with_image_size
+from protoquant_hf import job as job_module
 from protoquant_hf.job import stream_identity
+from protoquant_hf.training import loop as loop_module
 from protoquant_hf.modeling_protoquant import ProtoQuantModel
 from protoquant_hf.training import (
     DataArguments,
@@ -395,6 +398,21 @@ def test_augmented_training_runs_the_backbone_on_fresh_pixels(image_folder, back
     assert summary.arguments["data"]["augment"] is True
 
 
+def test_an_epoch_order_is_split_over_processes_as_one_process_with_a_bigger_batch_would_read_it():
+    from types import SimpleNamespace
+
+    order = np.random.default_rng(5).permutation(23)
+    one = loop_module.epoch_batches(23, 6, epoch=0, seed=0, accelerator=SimpleNamespace(num_processes=1, process_index=0), order=order)
+    two = [loop_module.epoch_batches(23, 3, epoch=0, seed=0, accelerator=SimpleNamespace(num_processes=2, process_index=rank),
+                                     order=order) for rank in (0, 1)]
+    assert [b.tolist() for b in one][:3] == [order[i:i + 6].tolist() for i in (0, 6, 12)]  # the given order, not a new one
+    assert len(one) == len(two[0]) == len(two[1]) == 4
+    for step, batch in enumerate(one):
+        assert sorted(batch.tolist()) == sorted(two[0][step].tolist() + two[1][step].tolist())
+    with pytest.raises(ValueError, match="22 rows"):
+        loop_module.epoch_batches(23, 6, 0, 0, SimpleNamespace(num_processes=1, process_index=0), order=order[:22])
+
+
 def test_mix_batch_mixup_and_cutmix_oracles():
     inputs = torch.arange(4 * 2 * 4 * 4, dtype=torch.float32).reshape(4, 2, 4, 4)
     labels = torch.tensor([0, 1, 2, 0])
@@ -423,9 +441,9 @@ def _final_model(output) -> ProtoQuantForImageClassification:
     return ProtoQuantForImageClassification.from_pretrained(output)
 
 
-def test_training_options_change_what_they_say(image_folder, backbone_folder, tmp_path):
-    """--train_concepts, --mixup, --prune_to, dead-concept removal and --backbone_feature_layer,
-    each against the plain run with the same seed."""
+def test_training_options_change_what_they_say(image_folder, backbone_folder, tmp_path, monkeypatch):
+    """--train_concepts, --shuffle_window_shards, --mixup, --prune_to, dead-concept removal and
+    --backbone_feature_layer, each against the plain run with the same seed."""
     def run(name, model_kwargs=None, **training):
         data, model, training_args = run_args(image_folder, backbone_folder, tmp_path / name, **training)
         for key, value in (model_kwargs or {}).items():
@@ -446,6 +464,26 @@ def test_training_options_change_what_they_say(image_folder, backbone_folder, tm
     torch.testing.assert_close(mixed.codebook.concepts, plain.codebook.concepts)
     assert not torch.allclose(mixed.classifier.weight, plain.classifier.weight)
     assert mixed_summary.arguments["training"]["mixup"] is True
+
+    # Shard-window shuffling: every epoch reads the rows one whole shard at a time (a cache of 16-row shards here),
+    # in another order than the full permutation, so another model.
+    seen_orders = []
+    original_batches = loop_module.epoch_batches
+
+    def recording_batches(num_rows, batch_size, epoch, seed, accelerator, order=None):
+        seen_orders.append(order)
+        return original_batches(num_rows, batch_size, epoch, seed, accelerator, order)
+
+    monkeypatch.setattr(loop_module, "epoch_batches", recording_batches)
+    monkeypatch.setattr(job_module, "extract_features", functools.partial(job_module.extract_features, shard_size=16))
+    data, model_args, training_args = run_args(image_folder, backbone_folder, tmp_path / "windowed", shuffle_window_shards=1)
+    train_protoquant(replace(data, cache_dir=str(tmp_path / "cache16")), model_args, training_args)
+    monkeypatch.undo()
+    assert len(seen_orders) == 2 + 4  # every epoch of stages 1 and 2
+    for order in seen_orders:
+        assert sorted(order.tolist()) == list(range(48))
+        assert all(len(set((order[start:start + 16] // 16).tolist())) == 1 for start in (0, 16, 32))  # shard by shard
+    assert not torch.allclose(_final_model(tmp_path / "windowed").classifier.weight, plain.classifier.weight)
 
     # Usage-based pruning to 4 concepts in 4 rounds of one.
     pruned_summary, pruned = run("pruned", prune_to=4)

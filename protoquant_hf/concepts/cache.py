@@ -262,9 +262,9 @@ class FeatureCache:
         """All feature maps `(N, D, H, W)` in the storage dtype, in memory (for tests and small caches)."""
         return self.store.to_numpy()
 
-    def shard_order(self, epoch: int, seed: int) -> np.ndarray:
-        """A seeded shuffle `(N,)` of the rows that reads one shard at a time (see `shards.shard_order`)."""
-        return shard_order(self.store.row_counts, epoch, seed)
+    def shard_order(self, epoch: int, seed: int, window: int = 1) -> np.ndarray:
+        """A seeded shuffle `(N,)` of the rows that reads `window` shards at a time (see `shards.shard_order`)."""
+        return shard_order(self.store.row_counts, epoch, seed, window)
 
     def examples_in_row_order(self, dataset) -> Iterator[dict]:
         """The examples of the split this cache was extracted from, in cache row order (row i is the i-th yielded).

@@ -331,15 +331,23 @@ class ShardedArray:
         return out
 
 
-def shard_order(row_counts: Sequence[int], epoch: int, seed: int) -> np.ndarray:
-    """A seeded epoch order `(N,)` of global row indices that visits the shards in random order and each shard's rows
-    in random order within it: a shuffle that reads one shard at a time, for epochs over stores bigger than RAM
-    (a full permutation would touch every shard in every batch). The same (epoch, seed) gives the same order.
+def shard_order(row_counts: Sequence[int], epoch: int, seed: int, window: int = 1) -> np.ndarray:
+    """A seeded epoch order `(N,)` of global row indices that visits the shards in random order, `window` shards at a
+    time, and the rows of each window in random order within it: a shuffle that keeps `window` shards in use at once,
+    for epochs over stores bigger than RAM (a full permutation touches every shard in every batch). A window of a few
+    shards mixes rows from several parts of the data into each batch (one shard of a class-sorted stream holds few
+    classes). The same (epoch, seed, window) gives the same order.
     """
+    if window < 1:
+        raise ValueError(f"window must be at least 1 shard, got {window}.")
     rng = np.random.default_rng([seed, epoch])
     counts = np.asarray(row_counts, dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(counts)])
-    parts = [offsets[i] + rng.permutation(counts[i]) for i in rng.permutation(len(counts))]
+    shards = rng.permutation(len(counts))
+    parts = []
+    for start in range(0, len(shards), window):
+        rows = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in shards[start : start + window]])
+        parts.append(rng.permutation(rows))
     return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
 
 

@@ -53,11 +53,14 @@ class Objective(nn.Module):
         return self.fn(self.model, inputs, targets)
 
 
-def epoch_batches(num_rows: int, batch_size: int, epoch: int, seed: int, accelerator: Accelerator) -> list[np.ndarray]:
+def epoch_batches(
+    num_rows: int, batch_size: int, epoch: int, seed: int, accelerator: Accelerator, order: np.ndarray | None = None
+) -> list[np.ndarray]:
     """This process's row indices for every step of one epoch.
 
-    The global batch (batch_size × processes) of a seeded permutation is split evenly; the last one
-    wraps around, so every process runs the same number of equally sized steps.
+    The global batch (batch_size × processes) of the epoch's order (a seeded permutation unless `order`, a
+    permutation of the rows the same on every process, is given) is split evenly; the last one wraps
+    around, so every process runs the same number of equally sized steps.
 
     Why not Accelerate's prepared DataLoader (seedable sampler, even_batches): with one process it
     yields a short last batch (50 rows, batch 16: 16/16/16/2), with two it pads the last global batch
@@ -65,7 +68,10 @@ def epoch_batches(num_rows: int, batch_size: int, epoch: int, seed: int, acceler
     whenever N_rows is not a multiple of the global batch. Here the padding is the same for any
     number of processes, which is what makes N processes equal one process with an N-times batch.
     """
-    order = np.random.default_rng([seed, epoch]).permutation(num_rows)
+    if order is None:
+        order = np.random.default_rng([seed, epoch]).permutation(num_rows)
+    elif len(order) != num_rows:
+        raise ValueError(f"the epoch order has {len(order)} rows, the training source {num_rows}.")
     processes = accelerator.num_processes
     global_batch = batch_size * processes
     steps = math.ceil(num_rows / global_batch)
@@ -134,6 +140,7 @@ def fit(
     transform_batch: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
     after_step: Callable[[], None] | None = None,
     on_epoch_end: Callable[[int, dict], None] | None = None,
+    epoch_order: Callable[[int], np.ndarray] | None = None,
     show_progress: bool = True,
 ) -> list[dict]:
     """Train `objective` with Adam and a warm-up + cosine schedule.
@@ -147,6 +154,8 @@ def fit(
         after_step: called after every optimizer step, on every process, e.g. to project the trained
             parameters back into a constraint set.
         on_epoch_end: called with (epoch index, log record) after every epoch, e.g. to checkpoint.
+        epoch_order: epoch index → the order of the rows in that epoch (the same on every process), e.g. a
+            shard-window shuffle; a seeded full permutation when None.
         show_progress: one progress bar for the stage (epochs as steps, the loss in its postfix).
 
     Returns:
@@ -174,7 +183,8 @@ def fit(
             prepared.train()
             start, losses = time.perf_counter(), []
             rng = np.random.default_rng([seed, epoch, accelerator.process_index])
-            for index in epoch_batches(num_rows, batch_size, epoch, seed, accelerator):
+            order = epoch_order(epoch) if epoch_order is not None else None
+            for index in epoch_batches(num_rows, batch_size, epoch, seed, accelerator, order):
                 batch, targets = take_rows(inputs, labels, index)
                 batch, targets = batch.to(accelerator.device), targets.to(accelerator.device)
                 if transform_batch is not None:
