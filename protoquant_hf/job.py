@@ -50,7 +50,7 @@ from .concepts import (
     set_concepts,
     stream_description,
 )
-from .data import hold_out_validation, load_image_dataset, make_image_transform, with_image_size
+from .data import hold_out_validation, load_image_dataset, make_image_transform, native_image_size, with_image_size
 from .explain import ConceptGallery, build_gallery, write_figures
 from .hub import check_repo_and_token, export_bundle, push_bundle
 from .image_processing_protoquant import ProtoQuantImageProcessor
@@ -595,10 +595,10 @@ def _checkpoint_head_matches(model, source: str, class_names: list[str]) -> bool
     return [checkpoint_labels.get(i) for i in range(len(checkpoint_labels))] == class_names
 
 
-def check_backbone(name: str, image_size: int) -> tuple[str, object]:
+def check_backbone(name: str, image_size: int | None) -> tuple[str, object, int]:
     """Check the backbone before any data is read: a loadable transformers config of a supported family, an
-    image processor, and an image size its downsampling (or patch size) allows. Returns its folder or Hub id and
-    its image processor."""
+    image processor, and an image size its downsampling (or patch size) allows (None: its native resolution).
+    Returns its folder or Hub id, its image processor and the image size."""
     source = resolve_backbone(name)
     try:
         backbone_config = AutoConfig.from_pretrained(source)
@@ -616,6 +616,8 @@ def check_backbone(name: str, image_size: int) -> tuple[str, object]:
             f"The backbone {name!r} has no usable image processor (preprocessor_config.json), which training and "
             f"serving need to turn images into pixel values. Loading it failed with: {error}"
         ) from None
+    if image_size is None:
+        image_size = native_image_size(image_processor)
     probe = ProtoQuantModel(ProtoQuantConfig(backbone_config=backbone_config, num_concepts=1, id2label={0: "a", 1: "b"}))
     minimum = probe.minimum_image_size()
     if image_size < minimum:
@@ -626,7 +628,7 @@ def check_backbone(name: str, image_size: int) -> tuple[str, object]:
     patch = getattr(backbone_config, "patch_size", None) if probe.backbone_kind == "tokens" else None
     if patch and image_size % patch:
         raise ValueError(f"--image_size must be a multiple of the backbone's patch size {patch}, got {image_size}.")
-    return source, image_processor
+    return source, image_processor, image_size
 
 
 def _set_log_level(level: str) -> None:
@@ -677,7 +679,8 @@ def _run_job(
     set_seed(training_args.seed)
     segment_started = time.perf_counter()
 
-    source, backbone_processor = check_backbone(model_args.backbone, data_args.image_size)
+    source, backbone_processor, image_size = check_backbone(model_args.backbone, data_args.image_size)
+    data_args = replace(data_args, image_size=image_size)  # the native resolution when none was given, from here on
     dataset = load_dataset_for(data_args)
     class_names = _class_names(dataset)
     processor = ProtoQuantImageProcessor.wrap(with_image_size(backbone_processor, data_args.image_size))

@@ -4,6 +4,7 @@ import functools
 import json
 from dataclasses import replace
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ from transformers import AutoModel, AutoModelForImageClassification, BitImagePro
 from protoquant_hf import ProtoQuantForImageClassification, ProtoQuantImageProcessor, load_image_dataset
 from protoquant_hf.concepts import ConceptStats, FeatureCache, extract_features, prune_by_usage
 from protoquant_hf.explain import ConceptGallery
-from protoquant_hf.data import hold_out_validation, make_image_transform, with_image_size
+from protoquant_hf.data import hold_out_validation, make_image_transform, native_image_size, with_image_size
 from protoquant_hf import job as job_module
 from protoquant_hf.job import stream_identity
 from protoquant_hf.training import loop as loop_module
@@ -327,6 +328,31 @@ def test_bad_inputs_leave_no_output(image_folder, backbone_folder, tmp_path):
 def test_previous_run_needs_overwrite(trained, image_folder, backbone_folder):
     with pytest.raises(ValueError, match="previous training run"):
         train_protoquant(*run_args(image_folder, backbone_folder, trained[0]))
+
+
+def test_without_image_size_the_job_trains_at_the_backbone_native_resolution(image_folder, backbone_folder, tmp_path):
+    """No --image_size: the size the backbone's processor outputs (its center crop, 40 px here), in the model, the
+    saved processor and the summary; an explicit size still wins."""
+    native = tmp_path / "backbone40"
+    shutil.copytree(backbone_folder, native)
+    BitImageProcessor.from_pretrained(native, size={"shortest_edge": 48}, crop_size={"height": 40, "width": 40}).save_pretrained(native)
+    data, model_args, training_args = run_args(image_folder, native, tmp_path / "native", stage1_epochs=1, stage2_epochs=1)
+    summary = train_protoquant(replace(data, image_size=None), replace(model_args, backbone=str(native)), training_args)
+    assert summary.dataset.image_size == 40 and summary.arguments["data"]["image_size"] == 40
+    assert _final_model(tmp_path / "native").config.image_size == 40
+    assert ProtoQuantImageProcessor.from_pretrained(tmp_path / "native").backbone.crop_size == {"height": 40, "width": 40}
+    assert train_protoquant(data, replace(model_args, backbone=str(native)), replace(training_args, output_dir=str(tmp_path / "explicit"))).dataset.image_size == SIZE
+
+
+def test_native_image_size_reads_the_processors_output_size():
+    from transformers import ConvNextImageProcessor, ViTImageProcessor
+
+    assert native_image_size(BitImageProcessor(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224})) == 224
+    assert native_image_size(ViTImageProcessor(size={"height": 384, "width": 384})) == 384
+    assert native_image_size(ConvNextImageProcessor(size={"shortest_edge": 288})) == 288
+    assert native_image_size(ProtoQuantImageProcessor.wrap(ViTImageProcessor(size={"height": 96, "width": 96}))) == 96
+    with pytest.raises(ValueError, match="pass --image_size"):
+        native_image_size(ViTImageProcessor(size={"longest_edge": 512}))
 
 
 def test_cli_help_explains_options():

@@ -7,7 +7,7 @@ With ``load_image_dataset(..., streaming=True)`` every source comes as a lazy ``
 """
 
 from .datasets import BUNDLED_DATASETS, MIN_IMAGE_SIZE, check_split, hold_out_validation, load_image_dataset
-from .preprocessing import collate_fn, make_image_transform, random_augment, to_8bit, to_rgb, with_image_size
+from .preprocessing import collate_fn, make_image_transform, native_image_size, random_augment, to_8bit, to_rgb, with_image_size
 from .synthetic_parts import SyntheticPartsConfig, generate_synthetic_parts, part_names
 from .synthetic_stream import (
     SyntheticStreamConfig,
@@ -36,5 +36,6 @@ __all__ = [
     "synthetic_stream_image",
     "to_8bit",
     "to_rgb",
+    "native_image_size",
     "with_image_size",
 ]

@@ -31,6 +31,28 @@ from transformers.image_processing_utils import BaseImageProcessor
 
 from ..image_processing_protoquant import HIGH_BIT_DEPTH_MODES, ProtoQuantImageProcessor, to_8bit, to_rgb
 
+def native_image_size(image_processor: BaseImageProcessor) -> int:
+    """The side of the square a backbone's image processor feeds it (its native resolution): the center crop when
+    it crops, else its resize target (``{"height", "width"}`` or ``{"shortest_edge"}``).
+
+    Raises:
+        ValueError: the processor names no such size (e.g. only ``longest_edge``): pass an image size explicitly.
+    """
+    if isinstance(image_processor, ProtoQuantImageProcessor):
+        return native_image_size(image_processor.backbone)
+    config = image_processor.to_dict()
+    crop, size = config.get("crop_size") or {}, config.get("size") or {}
+    if config.get("do_center_crop") and crop.get("height"):
+        return int(crop["height"])
+    side = size.get("height") or size.get("shortest_edge")
+    if not side:
+        raise ValueError(
+            f"Cannot tell the backbone's native resolution from its image processor (size {size}, crop_size {crop}): "
+            "pass --image_size."
+        )
+    return int(side)
+
+
 def with_image_size(image_processor: BaseImageProcessor, image_size: int) -> BaseImageProcessor:
     """A copy of ``image_processor`` that outputs ``image_size`` x ``image_size`` pixel values, and says so.
 
@@ -154,6 +176,7 @@ __all__ = [
     "HIGH_BIT_DEPTH_MODES",
     "collate_fn",
     "make_image_transform",
+    "native_image_size",
     "random_augment",
     "to_8bit",
     "to_rgb",

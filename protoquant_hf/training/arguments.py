@@ -42,7 +42,13 @@ class DataArguments:
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
     image_column: str = field(default="image", metadata={"help": "Column holding the images."})
     label_column: str = field(default="label", metadata={"help": "Column holding the class labels."})
-    image_size: int = field(default=128, metadata={"help": "Square input resolution fed to the backbone (pixels)."})
+    image_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Square input resolution fed to the backbone (pixels). Default: the backbone's native resolution, "
+            "the size its image processor outputs (224 for the bundled EfficientNet-Lite0)."
+        },
+    )
     max_samples_per_split: int | None = field(
         default=None, metadata={"help": "Use a stratified subset of at most this many images per split (quick runs)."}
     )
@@ -96,7 +102,7 @@ class DataArguments:
                 "--augment needs random access to the training images (every epoch re-reads them), which a stream "
                 "does not give: drop --augment or --streaming."
             )
-        if self.image_size < 1:
+        if self.image_size is not None and self.image_size < 1:
             raise ValueError(f"--image_size must be a positive number of pixels, got {self.image_size}.")
         if self.max_samples_per_split is not None and self.max_samples_per_split < 2:
             raise ValueError(
