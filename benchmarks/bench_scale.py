@@ -34,12 +34,10 @@ CHILD = r"""
 import json, re, sys, threading, time
 import torch
 from protoquant_hf import load_image_dataset
-from protoquant_hf.cli import steady_heap
 from protoquant_hf.training import DataArguments, ModelArguments, ProtoQuantTrainingArguments, train_protoquant
 
 num_images, backbone, work, threads = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
 torch.set_num_threads(threads)
-steady_heap()  # as `protoquant train` and examples/train_protoquant.py do
 peaks = {"anon": 0, "file": 0}
 
 
@@ -62,7 +60,8 @@ summary = train_protoquant(
     DataArguments(dataset=stream, image_size=32, cache_dir=work + "/cache"),
     ModelArguments(backbone=backbone, num_concepts=64),
     ProtoQuantTrainingArguments(
-        output_dir=work + "/run", stage1_epochs=1, stage2_epochs=1, top_k_per_class=None, gallery_per_concept=5,
+        # Frozen concepts, as first measured: stage 2 on the on-disk score table (grounded fine-tuning reads the maps).
+        output_dir=work + "/run", train_concepts=False, stage1_epochs=1, stage2_epochs=1, top_k_per_class=None, gallery_per_concept=5,
         explain_test_images=0, hub_bundle=False, batch_size=1024, extraction_batch_size=256, disable_tqdm=True,
     ),
 )
