@@ -4,8 +4,9 @@ Every run is one `train_protoquant` job (bundled EfficientNet-Lite0; runs of one
 feature cache), recorded in a JSON file as it finishes, so an interrupted benchmark continues where it stopped
 (rerun the same command). Methods:
 
-  frozen        the job's defaults before grounded fine-tuning: k-means concepts, stage 1, frozen in stage 2
-  free          --concept_training free (a PIP-Net-style baseline: prototypes trained freely with W)
+  frozen        --train_concepts False: k-means concepts, stage 1, frozen in stage 2 (the paper's recipe and the job's
+                default before grounded fine-tuning), with the 100 stage-2 and retraining epochs it had then
+  free          --concept_training free (a PIP-Net-style baseline: prototypes trained freely with W), 100 + 100 epochs
   grounded-γ    --train_concepts --grounding_radius γ: concepts trained with W, projected back within cosine γ of a
                 real training feature vector after every step (γ = 1: concepts are training vectors)
 
@@ -49,10 +50,11 @@ GAMMAS = (1.0, 0.95, 0.9, 0.85)
 
 def method_arguments(method: str, concept_lr: float, epochs: int | None) -> dict:
     """Training-argument overrides of one method ("frozen", "free" or "grounded-<γ>")."""
+    # The references keep the epochs they were first measured with (the job's defaults before grounded fine-tuning).
     if method == "frozen":
-        return {}
+        return {"train_concepts": False, "stage2_epochs": 100, "sparsify_epochs": 100}
     if method == "free":
-        return {"concept_training": "free"}
+        return {"concept_training": "free", "stage2_epochs": 100, "sparsify_epochs": 100}
     if method.startswith("grounded-"):
         overrides = {"train_concepts": True, "grounding_radius": float(method.split("-", 1)[1]), "concept_lr": concept_lr}
         if epochs is not None:
@@ -73,15 +75,17 @@ class Results:
         self.path = Path(path)
         self.runs = json.loads(self.path.read_text())["runs"] if self.path.exists() else {}
 
-    def run(self, dataset, image_size, split, method, seed, concept_lr, epochs, threads) -> TrainingSummary:
-        key = run_id(dataset, image_size, split, method, seed, concept_lr, epochs)
+    def run(self, dataset, image_size, split, method, seed, concept_lr, epochs, threads, max_samples=None) -> TrainingSummary:
+        label = dataset if max_samples is None else f"{dataset}[:{max_samples}]"  # a subset is a dataset of its own
+        key = run_id(label, image_size, split, method, seed, concept_lr, epochs)
         if key not in self.runs:
             overrides = method_arguments(method, concept_lr, epochs)
             print(f"== {key}: {overrides}", flush=True)
             torch.set_num_threads(threads)
             with tempfile.TemporaryDirectory() as tmp:
                 summary = train_protoquant(
-                    DataArguments(dataset=dataset, image_size=image_size, validation_split=0.1 if split == "validation" else None),
+                    DataArguments(dataset=dataset, image_size=image_size, max_samples_per_split=max_samples,
+                                  validation_split=0.1 if split == "validation" else None),
                     ModelArguments(),
                     ProtoQuantTrainingArguments(
                         output_dir=str(Path(tmp) / "run"), seed=seed, explain_test_images=0, gallery_per_concept=0,
@@ -89,7 +93,7 @@ class Results:
                     ),
                 )
             self.runs[key] = {
-                "dataset": dataset, "image_size": image_size, "split": split, "method": method, "seed": seed,
+                "dataset": label, "max_samples": max_samples, "image_size": image_size, "split": split, "method": method, "seed": seed,
                 "concept_lr": concept_lr, "epochs": epochs, "threads": threads, "summary": summary.to_dict(),
             }
             self.path.write_text(json.dumps({"runs": self.runs}, indent=1))
@@ -178,7 +182,8 @@ def study(args) -> None:
 
     def mean_accuracy(method, lr, epochs):
         nonlocal val_size
-        summaries = [results.run(args.dataset, args.image_size, "validation", method, seed, lr, epochs, args.threads) for seed in range(args.seeds)]
+        summaries = [results.run(args.dataset, args.image_size, "validation", method, seed, lr, epochs, args.threads, args.max_samples)
+                     for seed in range(args.seeds)]
         val_size = summaries[0].dataset.test_size
         return statistics.mean(s.accuracy for s in summaries)
 
@@ -199,9 +204,9 @@ def study(args) -> None:
 
 def benchmark(args) -> None:
     results = Results(args.json)
-    for method in ("frozen", "free", *(f"grounded-{gamma:g}" for gamma in GAMMAS)):
+    for method in args.methods:
         for seed in range(args.seeds):
-            results.run(args.dataset, args.image_size, "test", method, seed, args.concept_lr, args.epochs, args.threads)
+            results.run(args.dataset, args.image_size, args.split, method, seed, args.concept_lr, args.epochs, args.threads, args.max_samples)
         print(table(results), flush=True)
     if args.figure:
         figure(results, args.figure)
@@ -218,6 +223,8 @@ def main() -> None:
         command.add_argument("--image-size", type=int, default=128)
         command.add_argument("--seeds", type=int, default=3 if name == "benchmark" else 2)
         command.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads per run")
+        command.add_argument("--max-samples", type=int, default=None,
+                             help="the first N images of each split (--max_samples_per_split); recorded as dataset[:N]")
     study_command, benchmark_command = commands.choices["study"], commands.choices["benchmark"]
     study_command.add_argument("--study-gamma", type=float, default=0.9)
     study_command.add_argument("--lr-grid", type=float, nargs="+", default=[1e-4, 1e-3])
@@ -225,6 +232,12 @@ def main() -> None:
     benchmark_command.add_argument("--concept-lr", type=float, required=True)
     benchmark_command.add_argument("--epochs", type=int, required=True, help="stage-2 and top-k retraining epochs of grounded runs")
     benchmark_command.add_argument("--figure", default=None, help="write the accuracy-vs-γ figure here (PNG)")
+    benchmark_command.add_argument("--split", choices=["test", "validation"], default="test",
+                                   help="validation: the same runs on the held-out 10 %% of train (for choosing defaults)")
+    benchmark_command.add_argument(
+        "--methods", nargs="+", default=["frozen", "free", *(f"grounded-{gamma:g}" for gamma in GAMMAS)],
+        help="methods to run, in this order (an interrupted benchmark keeps what finished)",
+    )
     table_command = commands.add_parser("table", parents=[common], help="render the table (and --figure) of a results file")
     table_command.add_argument("--figure", default=None)
     args = parser.parse_args()

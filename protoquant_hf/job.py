@@ -441,7 +441,7 @@ def _train_head(ctx: RunContext, stage: str, epochs: int, **result_fields) -> He
     if args.mixup:
         num_classes = model.config.num_labels
         mixing = lambda inputs, labels, rng: mix_batch(inputs, labels, num_classes, rng=rng)  # noqa: E731
-    grounded = _grounded_concepts(ctx) if train_concepts and args.grounding_radius is not None else None
+    grounded = _grounded_concepts(ctx) if train_concepts and args.grounds_concepts else None
     # The score table goes to disk beside the feature cache (bounded memory at any N), for this phase only.
     with tempfile.TemporaryDirectory(prefix=".concept-scores-", dir=ctx.train_cache.path.parent) as scores_folder:
         if train_concepts or args.mixup or ctx.augmented:

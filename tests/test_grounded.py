@@ -1,6 +1,7 @@
 """Grounded concept fine-tuning (`--grounding_radius`): the projection, its shortlist, and tiny end-to-end runs."""
 
 import math
+from dataclasses import replace
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from protoquant_hf import ProtoQuantForImageClassification
 from protoquant_hf.concepts import FeatureCache
 from protoquant_hf.modeling_protoquant import cosine_similarity
 from protoquant_hf.training import ProtoQuantTrainingArguments, TrainingSummary, train_protoquant
+from protoquant_hf.training.arguments import DEFAULT_GROUNDING_RADIUS, NO_GROUNDING
 from protoquant_hf.training.grounding import (
     GROUNDING_MARGIN,
     ConceptProjector,
@@ -144,10 +146,11 @@ def test_the_final_exact_projection_searches_the_whole_bank():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"train_concepts": True, "grounding_radius": 0.0}, r"--grounding_radius must be a cosine in \(0, 1\]"),
-        ({"train_concepts": True, "grounding_radius": 1.5}, r"--grounding_radius must be a cosine in \(0, 1\]"),
+        ({"train_concepts": True, "grounding_radius": 0.0}, r"--grounding_radius must be a cosine in \(0, 1\], or -1"),
+        ({"train_concepts": True, "grounding_radius": 1.5}, r"--grounding_radius must be a cosine in \(0, 1\], or -1"),
+        ({"train_concepts": True, "grounding_radius": -0.5}, r"--grounding_radius must be a cosine in \(0, 1\], or -1"),
         ({"train_concepts": True, "grounding_radius": float("nan")}, r"--grounding_radius must be a cosine in \(0, 1\]"),
-        ({"grounding_radius": 0.9}, "pass --train_concepts with it"),
+        ({"train_concepts": False, "grounding_radius": 0.9}, "--train_concepts False freezes them"),
         ({"train_concepts": True, "grounding_radius": 0.9, "grounding_bank_size": 0}, "--grounding_bank_size must be >= 1"),
         ({"train_concepts": True, "grounding_radius": 0.9, "grounding_refresh_steps": 0}, "--grounding_refresh_steps must be >= 1"),
     ],
@@ -159,6 +162,19 @@ def test_bad_grounding_arguments_give_one_clear_error(kwargs, message):
 
 def test_the_free_baseline_takes_a_radius():
     assert ProtoQuantTrainingArguments(concept_training="free", grounding_radius=0.9).grounding_radius == 0.9
+
+
+def test_grounded_fine_tuning_is_the_default_and_minus_one_turns_it_off():
+    default = ProtoQuantTrainingArguments(output_dir="x")
+    assert default.train_concepts and default.grounding_radius == DEFAULT_GROUNDING_RADIUS == 0.9 and default.grounds_concepts
+    assert default.concept_lr == 1e-3 and default.stage2_epochs == default.sparsify_epochs == 60
+    free = ProtoQuantTrainingArguments(output_dir="x", grounding_radius=NO_GROUNDING)
+    assert free.train_concepts and not free.grounds_concepts
+    frozen = ProtoQuantTrainingArguments(output_dir="x", train_concepts=False)
+    assert frozen.grounding_radius is None and not frozen.grounds_concepts
+    baseline = ProtoQuantTrainingArguments(output_dir="x", concept_training="free")  # the baseline stays unconstrained
+    assert baseline.grounding_radius is None and not baseline.grounds_concepts
+    assert replace(default, seed=1).grounding_radius == 0.9  # re-validated arguments keep the resolved radius
 
 
 def _train_bank(output) -> torch.Tensor:

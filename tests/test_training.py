@@ -468,9 +468,10 @@ def _final_model(output) -> ProtoQuantForImageClassification:
 
 
 def test_training_options_change_what_they_say(image_folder, backbone_folder, tmp_path, monkeypatch):
-    """--train_concepts, --shuffle_window_shards, --mixup, --prune_to, dead-concept removal and
-    --backbone_feature_layer, each against the plain run with the same seed."""
+    """--train_concepts (free: --grounding_radius -1), --shuffle_window_shards, --mixup, --prune_to, dead-concept
+    removal and --backbone_feature_layer, each against the plain frozen-concept run with the same seed."""
     def run(name, model_kwargs=None, **training):
+        training = {"train_concepts": False, **training}  # frozen concepts: the plain run's concepts are stage 1's
         data, model, training_args = run_args(image_folder, backbone_folder, tmp_path / name, **training)
         for key, value in (model_kwargs or {}).items():
             setattr(model, key, value)
@@ -480,7 +481,7 @@ def test_training_options_change_what_they_say(image_folder, backbone_folder, tm
     assert plain_summary.phases["prune"].dead_removed == 0
 
     # Fine-tuned concepts move in stage 2; frozen ones are exactly the stage-1 concepts.
-    tuned_summary, tuned = run("tuned", train_concepts=True, concept_lr=0.05)
+    tuned_summary, tuned = run("tuned", train_concepts=True, grounding_radius=-1, concept_lr=0.05)  # free fine-tuning
     assert tuned_summary.phases["stage1"].usage == plain_summary.phases["stage1"].usage  # same run up to stage 2
     assert not torch.allclose(tuned.codebook.concepts, plain.codebook.concepts)
     assert tuned_summary.grounding.mean < plain_summary.grounding.mean

@@ -12,6 +12,7 @@ from ..concepts import edit_log
 from ..data import BUNDLED_DATASETS
 from ..explanation_protoquant import default_box_rule
 from ..image_processing_protoquant import MIN_IMAGE_SIZE
+from ..training.arguments import NO_GROUNDING
 from ..training.summary import TrainingSummary
 
 TEMPLATE = Path(__file__).with_name("model_card.md")
@@ -62,6 +63,17 @@ def _edit_log(model) -> str | None:
         rows.append(f"| {record.time} | {edit} | {record.reason or '-'} | {change} |")
     return "\n".join(rows) or None
 
+
+
+def _stage2_concepts(training: dict) -> str:
+    """What stage 2 did to the concepts, from the run's recorded training arguments."""
+    radius = training.get("grounding_radius")
+    if not training.get("train_concepts"):
+        return "Concepts were frozen in stage 2."
+    if radius is None or radius == NO_GROUNDING:
+        return "Concepts were fine-tuned freely in stage 2 (they may be far from every training feature)."
+    return (f"Concepts were fine-tuned in stage 2 under grounding radius {radius:g}: each stays within cosine {radius:g} "
+            "of a real training feature vector.")
 
 def render_model_card(
     model,
@@ -176,7 +188,7 @@ def render_model_card(
                 "learned the codebook through it (each feature replaced by its nearest concept); stage 2 trained the "
                 "concept → class weights with CE + λ·ΣReLU(W)"
                 + (f", then kept the top {top_k} concepts per class and retrained" if top_k else "")
-                + f". Concepts were {'fine-tuned' if training.get('train_concepts') else 'frozen'} in stage 2."
+                + f". {_stage2_concepts(training)}"
             )
         for key in ("concept_training", "concept_init", "num_concepts", "stage1_epochs", "stage1_lr", "stage2_epochs", "stage2_lr",
                     "l1_lambda", "top_k_per_class", "sparsify_epochs", "batch_size", "seed"):
