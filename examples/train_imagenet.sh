@@ -16,6 +16,9 @@
 # 75 264 bytes per image: 1 281 167 training images → 96.4 GB, 50 000 validation images → 3.8 GB. The stage-2 score
 # table is 4 × K bytes per image while stage 2 runs (K = 2048: 10.5 GB, float32, in the cache folder, then removed).
 #
+# Concepts are frozen in stage 2 here (--train_concepts False), so its epochs read the score table; the job's default,
+# grounded fine-tuning, trains the concepts and reads the whole map cache in every stage-2 epoch (drop the flag for it).
+#
 # Epochs shuffle 16 shards at a time (--shuffle_window_shards: 65 536 images, ~4.9 GB of cache in use at once) instead
 # of a full permutation that touches every shard in every batch: a 96 GB cache need not fit in the page cache.
 #
@@ -31,7 +34,7 @@ OUTPUT=${OUTPUT:-runs/imagenet-convnext-t}
 accelerate launch --multi_gpu --num_processes "$NUM_GPUS" --mixed_precision bf16 examples/train_protoquant.py \
   --dataset ILSVRC/imagenet-1k --streaming --test_split validation \
   --backbone facebook/convnext-tiny-224 --image_size 224 \
-  --num_concepts 2048 --mixed_precision bf16 \
+  --num_concepts 2048 --mixed_precision bf16 --train_concepts False \
   --batch_size 256 --extraction_batch_size 256 \
   --stage1_epochs 3 --stage2_epochs 30 --sparsify_epochs 30 --top_k_per_class 10 \
   --kmeans_max_vectors 1000000 --probe_max_samples 200000 --shuffle_window_shards 16 \
