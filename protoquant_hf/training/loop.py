@@ -20,7 +20,6 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from ..concepts import FeatureCache
-from ..memory import release_free_heap
 
 
 class AugmentedImages:
@@ -207,7 +206,6 @@ def fit(
                 "seconds": time.perf_counter() - start,
             }
             records.append(record)
-            release_free_heap()  # the epoch's freed batch temporaries go back (flat memory over long runs)
             bar.set_postfix(loss=f"{record['loss']:.4f}")
             bar.update()
             if on_epoch_end is not None:
