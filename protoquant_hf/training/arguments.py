@@ -250,7 +250,7 @@ class ProtoQuantTrainingArguments:
             "help": "Fine-tune the concepts together with W in stage 2 and the sparsify retraining, each kept within "
             "cosine --grounding_radius of a real training feature vector (grounded concept fine-tuning). False: "
             "frozen concepts, the paper's recipe: several times faster (stage 2 trains on a precomputed score table), "
-            "1.1 points lower on held-out Animal-MNIST and 4 on held-out Fashion-MNIST (10 k subset) at 128 px "
+            "1.1 points lower on held-out Animal-MNIST and 3.0 on held-out Fashion-MNIST (10 k subset) at 128 px "
             "(benchmarks/RESULTS.md)."
         },
     )
