@@ -29,6 +29,7 @@ __all__ = [
     "hold_out_validation",
     "load_image_dataset",
     "make_image_transform",
+    "native_image_size",
     "part_names",
     "random_augment",
     "synthetic_stream",
@@ -36,6 +37,5 @@ __all__ = [
     "synthetic_stream_image",
     "to_8bit",
     "to_rgb",
-    "native_image_size",
     "with_image_size",
 ]

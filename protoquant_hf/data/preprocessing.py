@@ -31,6 +31,7 @@ from transformers.image_processing_utils import BaseImageProcessor
 
 from ..image_processing_protoquant import HIGH_BIT_DEPTH_MODES, ProtoQuantImageProcessor, to_8bit, to_rgb
 
+
 def native_image_size(image_processor: BaseImageProcessor) -> int:
     """The side of the square a backbone's image processor feeds it (its native resolution): the center crop when
     it crops, else its resize target (``{"height", "width"}`` or ``{"shortest_edge"}``).

@@ -12,7 +12,7 @@ from ..concepts import edit_log
 from ..data import BUNDLED_DATASETS
 from ..explanation_protoquant import default_box_rule
 from ..image_processing_protoquant import MIN_IMAGE_SIZE
-from ..training.arguments import NO_GROUNDING
+from ..training.arguments import grounds
 from ..training.summary import TrainingSummary
 
 TEMPLATE = Path(__file__).with_name("model_card.md")
@@ -64,16 +64,16 @@ def _edit_log(model) -> str | None:
     return "\n".join(rows) or None
 
 
-
 def _stage2_concepts(training: dict) -> str:
     """What stage 2 did to the concepts, from the run's recorded training arguments."""
     radius = training.get("grounding_radius")
     if not training.get("train_concepts"):
         return "Concepts were frozen in stage 2."
-    if radius is None or radius == NO_GROUNDING:
+    if not grounds(radius):
         return "Concepts were fine-tuned freely in stage 2 (they may be far from every training feature)."
     return (f"Concepts were fine-tuned in stage 2 under grounding radius {radius:g}: each stays within cosine {radius:g} "
             "of a real training feature vector.")
+
 
 def render_model_card(
     model,

@@ -19,6 +19,11 @@ DEFAULT_GROUNDING_RADIUS = 0.9
 NO_GROUNDING = -1.0
 
 
+def grounds(radius: float | None) -> bool:
+    """Whether a grounding radius projects trained concepts (a radius, and not the no-constraint one)."""
+    return radius is not None and radius != NO_GROUNDING
+
+
 @dataclass
 class DataArguments:
     dataset: str = field(
@@ -381,8 +386,8 @@ class ProtoQuantTrainingArguments:
 
     @property
     def grounds_concepts(self) -> bool:
-        """Whether trained concepts are projected back into the grounded set (a radius, and not the no-constraint one)."""
-        return self.grounding_radius is not None and self.grounding_radius != NO_GROUNDING
+        """Whether trained concepts are projected back into the grounded set."""
+        return grounds(self.grounding_radius)
 
 
-__all__ = ["DEFAULT_GROUNDING_RADIUS", "NO_GROUNDING", "DataArguments", "ModelArguments", "ProtoQuantTrainingArguments"]
+__all__ = ["DEFAULT_GROUNDING_RADIUS", "NO_GROUNDING", "DataArguments", "ModelArguments", "ProtoQuantTrainingArguments", "grounds"]
