@@ -34,12 +34,10 @@ CHILD = r"""
 import json, re, sys, threading, time
 import torch
 from protoquant_hf import load_image_dataset
-from protoquant_hf.cli import steady_heap
 from protoquant_hf.training import DataArguments, ModelArguments, ProtoQuantTrainingArguments, train_protoquant
 
 num_images, backbone, work, threads = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
 torch.set_num_threads(threads)
-steady_heap()  # as `protoquant train` and examples/train_protoquant.py do
 peaks = {"anon": 0, "file": 0}
 
 

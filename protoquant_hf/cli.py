@@ -10,8 +10,6 @@
 from __future__ import annotations
 
 import argparse
-import ctypes
-import os
 import sys
 from pathlib import Path
 
@@ -53,33 +51,9 @@ def format_summary(summary, output_dir: str, check: dict | None = None) -> str:
     return "\n".join(f"  {name.ljust(width)}  {value}" for name, value in rows)
 
 
-def steady_heap() -> bool:
-    """Fix glibc's mmap threshold at its default (128 KiB) for this process, unless the user set one.
-
-    glibc raises the threshold whenever a large block is freed (up to 32 MB), after which the job's batch-sized
-    temporaries (megabytes each, read from the feature cache) come from the heap instead of separate mappings and
-    fragment it: the process's own memory then grows with the number of images read (measured on the synthetic stream:
-    +270 MB at 100 000 images, none with the threshold fixed; issue 12). Returns whether it was applied (glibc only).
-
-    It costs speed: every temporary above 128 KiB becomes a fresh mapping whose pages fault in at every use (feature
-    extraction 139 vs 275 img/s at 128 px; the main job spends a third of its CPU time in the kernel). Handing free
-    memory back with malloc_trim(0) at shard and epoch boundaries instead was 1.8-2.7x faster, but a 2-process
-    extraction test then aborted at exit in 2 of 15 runs under load (0 of 9 without it), so it was not kept
-    (benchmarks/RESULTS.md, "Memory: a fragmenting heap").
-    """
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") or not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (musl, ...)
-        return False
-    return bool(libc.mallopt(-3, 128 * 1024))  # M_MMAP_THRESHOLD; setting it also stops the dynamic adjustment
-
-
 def train(argv: list[str]) -> int:
     from accelerate import PartialState
 
-    steady_heap()
     from .training import DataArguments, ModelArguments, ProtoQuantTrainingArguments, train_protoquant
     from .job import check_saved_model
 
@@ -93,15 +67,20 @@ def train(argv: list[str]) -> int:
     except ValueError as error:  # argument validation in __post_init__
         parser.error(str(error))
     try:
-        summary = train_protoquant(data_args, model_args, training_args)
-    except (ValueError, ImportError, FileNotFoundError, OSError) as error:
-        print(f"protoquant train: error: {error}", file=sys.stderr)
-        return 2
-    if PartialState().is_main_process:
-        check = check_saved_model(training_args.output_dir, data_args)
-        print("\nProtoQuant training summary")
-        print(format_summary(summary, training_args.output_dir, check))
-    return 0
+        try:
+            summary = train_protoquant(data_args, model_args, training_args)
+        except (ValueError, ImportError, FileNotFoundError, OSError) as error:
+            print(f"protoquant train: error: {error}", file=sys.stderr)
+            return 2
+        if PartialState().is_main_process:
+            check = check_saved_model(training_args.output_dir, data_args)
+            print("\nProtoQuant training summary")
+            print(format_summary(summary, training_args.output_dir, check))
+        return 0
+    finally:
+        # This process owns the process group `accelerate launch` set up: a gloo group left to interpreter teardown
+        # can abort the process after its work is done ("terminate called without an active exception").
+        PartialState().destroy_process_group()
 
 
 EXPLAIN_DESCRIPTION = """Explain a ProtoQuant model's decisions on your images ("this looks like that"): for each image, the

@@ -56,6 +56,7 @@ from .hub import check_repo_and_token, export_bundle, push_bundle
 from .image_processing_protoquant import ProtoQuantImageProcessor
 from .configuration_protoquant import ProtoQuantConfig, backbone_kind
 from .backbones import quiet_transformers, resolve_backbone
+from .memory import release_free_heap
 from .modeling_protoquant import ProtoQuantForImageClassification, ProtoQuantModel
 from .output_folder import check_destination, crash_point, is_complete, mark_complete, publish, work_folder, write_lock
 from .training.arguments import DataArguments, ModelArguments, ProtoQuantTrainingArguments
@@ -744,6 +745,7 @@ def _run_job(
         phase = PHASES[index]
         ctx.phase_started = time.perf_counter()
         result = phase.run(ctx)
+        release_free_heap()
         if result is not None:
             result.seconds = ctx.phase_elapsed()
             progress.results[phase.name] = result.to_dict()

@@ -274,6 +274,7 @@ usage = ConceptStats.collect(model, stream, accelerator=accelerator).usage.tolis
 if accelerator.is_main_process:
     print(json.dumps({{"stream": str(stream.path), "mapped": str(mapped.path), "processes": accelerator.num_processes,
                       "usage": usage}}))
+accelerator.end_training()  # destroys the process group before interpreter teardown (else gloo may abort at exit)
 """
 
 
@@ -365,3 +366,15 @@ def test_as_many_shards_stay_mapped_as_the_descriptor_limit_allows(monkeypatch):
         monkeypatch.setattr(resource, "getrlimit", lambda _, soft=soft: (soft, resource.RLIM_INFINITY))
         assert ShardedArray([np.zeros((1, 2))], [1], (2,), np.float32).max_open == expected
     assert ShardedArray([np.zeros((1, 2))], [1], (2,), np.float32, max_open=3).max_open == 3
+
+
+def test_every_shard_written_hands_the_free_heap_back(tmp_path, monkeypatch):
+    import protoquant_hf.concepts.shards as shards_module
+
+    released = []
+    monkeypatch.setattr(shards_module, "release_free_heap", lambda: released.append(True))
+    writer = shards_module.ShardWriter(tmp_path, (f"{i:05d}" for i in range(10)), shard_size=4, dtype=np.float16)
+    writer.add(np.zeros((10, 2), dtype=np.float32), np.zeros(10, dtype=np.int64))
+    assert len(released) == 2  # two full shards written so far
+    writer.close()
+    assert len(released) == 3

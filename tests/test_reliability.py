@@ -241,3 +241,28 @@ def test_two_runs_into_one_new_folder_give_one_run_and_one_clear_error(image_fol
     assert "Another protoquant process is writing" in refused or "holds a previous training run" in refused, refused
     torch.testing.assert_close(weights(tmp_path / "out"), weights(reference))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "out"]  # nothing incomplete left
+
+
+@pytest.mark.parametrize("outcome", ["success", "error"])
+def test_protoquant_train_destroys_its_process_group_before_exit(monkeypatch, tmp_path, outcome):
+    """A gloo process group left to interpreter teardown can abort a finished 2-process run ("terminate called without
+    an active exception", exit code 134); the command that owns the process ends it, also after an error."""
+    from accelerate import PartialState
+
+    import protoquant_hf.cli as cli
+    import protoquant_hf.job as job
+    import protoquant_hf.training as training
+
+    destroyed = []
+    monkeypatch.setattr(PartialState, "destroy_process_group", lambda self, group=None: destroyed.append(group))
+
+    def fake_job(*_):
+        if outcome == "error":
+            raise ValueError("bad dataset")
+        return "summary"
+
+    monkeypatch.setattr(training, "train_protoquant", fake_job)
+    monkeypatch.setattr(job, "check_saved_model", lambda *_: {})
+    monkeypatch.setattr(cli, "format_summary", lambda *_: "")
+    assert cli.train(["--output_dir", str(tmp_path / "out")]) == (0 if outcome == "success" else 2)
+    assert destroyed == [None]

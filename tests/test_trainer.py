@@ -352,6 +352,7 @@ trainer = ProtoQuantTrainer(model=model, args=training_args_for_script({out!r}, 
 trainer.train()
 if trainer.is_world_process_zero():
     torch.save({{"weight": model.classifier.weight.detach(), "world": trainer.args.world_size}}, Path({out!r}) / "weight.pt")
+trainer.accelerator.end_training()  # destroys the process group before interpreter teardown (else gloo may abort at exit)
 """
 
 

@@ -47,6 +47,7 @@ from filelock import FileLock
 from tqdm.auto import tqdm
 
 from ..cache import cache_root
+from ..memory import release_free_heap
 from .shards import (
     DEFAULT_SHARD_SIZE,
     STORE_FORMAT_VERSION,
@@ -283,8 +284,13 @@ class FeatureCache:
         """Yield (feature maps float32 `(B, D, H, W)`, labels `(B,)`) for consecutive chunks of
         `indices` (all rows by default), each chunk in its given order."""
         order = np.arange(len(self)) if indices is None else np.asarray(indices)
+        unreleased = 0
         for start in range(0, len(order), batch_size):
             yield self.read(order[start : start + batch_size])
+            unreleased += batch_size
+            if unreleased >= DEFAULT_SHARD_SIZE:  # a pass over N rows keeps the footprint of one shard's worth
+                release_free_heap()
+                unreleased = 0
 
     def pooled(self, batch_size: int = 1024, indices: np.ndarray | None = None) -> torch.Tensor:
         """Global-average-pooled features (N, D) of all rows, or of `indices` in their order: a linear probe's input."""

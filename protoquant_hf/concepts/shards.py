@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 from numpy.lib import format as npy_format
 
+from ..memory import release_free_heap
+
 STORE_FORMAT_VERSION = 3  # 3: sharded (2 was one features.npy + meta.json)
 DEFAULT_SHARD_SIZE = 4096
 INDEX_FILE = "index.json"
@@ -166,6 +168,7 @@ class ShardWriter:
         write_shard(self.folder, name, self.values[: self.filled], self.labels[: self.filled])
         self.written.append((name, self.filled))
         self.filled = 0
+        release_free_heap()  # what the batches of this shard left free goes back (flat memory at any N)
 
 
 # --------------------------------------------------------------------------------------------------------------

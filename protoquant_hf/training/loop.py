@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from ..concepts import FeatureCache
+from ..memory import release_free_heap
 
 
 class AugmentedImages:
@@ -206,6 +207,7 @@ def fit(
                 "seconds": time.perf_counter() - start,
             }
             records.append(record)
+            release_free_heap()  # the epoch's freed batch temporaries go back (flat memory over long runs)
             bar.set_postfix(loss=f"{record['loss']:.4f}")
             bar.update()
             if on_epoch_end is not None:
