@@ -149,31 +149,46 @@ def table(results: Results) -> str:
 
 
 def figure(results: Results, path: str) -> None:
-    """Test accuracy (× probe) against γ for grounded fine-tuning, with frozen and free concepts as reference lines."""
+    """Accuracy (× probe) against γ for grounded fine-tuning, one colour per dataset / resolution / split: the mean over
+    seeds joined across γ, the range as error bars, frozen and free concepts as dashed and dotted lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for (dataset, size, split, method, _lr, _epochs), records in results.groups().items():
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    grounded: dict[tuple, dict] = {}  # (dataset, px, split) → (concept lr, epochs) → γ → ratios
+    references: dict[tuple, dict] = {}  # (dataset, px, split) → frozen / free → ratios
+    for (dataset, size, split, method, lr, epochs), records in results.groups().items():
         ratios = [TrainingSummary.from_dict(r["summary"]).accuracy_vs_linear_probe for r in records]
-        label = f"{dataset} {size}px"
         if method.startswith("grounded-"):
-            gamma = float(method.split("-", 1)[1])
-            ax.errorbar([gamma], [statistics.mean(ratios)], yerr=[[statistics.mean(ratios) - min(ratios)], [max(ratios) - statistics.mean(ratios)]],
-                        fmt="o", color="C0", capsize=3, label=f"grounded ({label})" if gamma == max(GAMMAS) else None)
+            grounded.setdefault((dataset, size, split), {}).setdefault((lr, epochs), {})[float(method.split("-", 1)[1])] = ratios
         else:
-            ax.axhline(statistics.mean(ratios), linestyle="--" if method == "frozen" else ":", color="C1" if method == "frozen" else "C2",
-                       label=f"{method} concepts ({label})")
+            references.setdefault((dataset, size, split), {})[method] = ratios
+    for colour, series in enumerate(dict.fromkeys([*grounded, *references])):
+        (dataset, size, split), methods = series, references.get(series, {})
+        label, colour = f"{dataset} {size} px, {split}", f"C{colour}"
+        # A study's grid has several settings at one γ: show the setting measured at the most γ (the chosen one).
+        settings = grounded.get(series, {})
+        gammas = sorted(max(settings.values(), key=len).items()) if settings else []
+        if gammas:
+            means = [statistics.mean(r) for _, r in gammas]
+            spread = [[m - min(r) for m, (_, r) in zip(means, gammas)], [max(r) - m for m, (_, r) in zip(means, gammas)]]
+            ax.errorbar([g for g, _ in gammas], means, yerr=spread, fmt="o-", color=colour, capsize=3,
+                        label=f"grounded, {label} ({'–'.join(sorted({str(len(r)) for _, r in gammas}))} seeds)")
+        for method, style in (("frozen", "--"), ("free", ":")):
+            if method in methods:
+                ax.axhline(statistics.mean(methods[method]), linestyle=style, color=colour, linewidth=1,
+                           label=f"{method} concepts, {label}")
     ax.axhline(0.99, color="grey", linewidth=0.8, label="target 0.99 × probe")
     ax.set_xlabel("grounding radius γ (every concept within cosine γ of a training feature vector)")
-    ax.set_ylabel("accuracy / linear probe")
+    ax.set_ylabel("accuracy / dense linear probe")
     ax.invert_xaxis()
     ax.legend(fontsize=7)
-    ax.set_title("ProtoQuant top-10 heads: accuracy vs grounding (mean, range over seeds)", fontsize=9)
+    ax.set_title("ProtoQuant, ≤ 10 concepts per class: accuracy vs grounding (mean, range over seeds)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def study(args) -> None:
@@ -215,10 +230,9 @@ def benchmark(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--json", required=True, help="results file (read, extended, rewritten after every run)")
     for name, help_text in (("study", "held-out choice of the grounded fine-tuning setting"), ("benchmark", "every method on test")):
-        command = commands.add_parser(name, parents=[common], help=help_text)
+        command = commands.add_parser(name, help=help_text)
+        command.add_argument("--json", required=True, help="results file (read, extended, rewritten after every run)")
         command.add_argument("--dataset", default="animal-mnist")
         command.add_argument("--image-size", type=int, default=128)
         command.add_argument("--seeds", type=int, default=3 if name == "benchmark" else 2)
@@ -238,17 +252,21 @@ def main() -> None:
         "--methods", nargs="+", default=["frozen", "free", *(f"grounded-{gamma:g}" for gamma in GAMMAS)],
         help="methods to run, in this order (an interrupted benchmark keeps what finished)",
     )
-    table_command = commands.add_parser("table", parents=[common], help="render the table (and --figure) of a results file")
-    table_command.add_argument("--figure", default=None)
+    table_command = commands.add_parser("table", help="render the table (and --figure) of one or more results files")
+    table_command.add_argument("--json", required=True, nargs="+", help="results files (their runs are shown together)")
+    table_command.add_argument("--figure", default=None, help="write the accuracy-vs-γ figure here (PNG)")
     args = parser.parse_args()
     if args.command == "study":
         study(args)
     elif args.command == "benchmark":
         benchmark(args)
     else:
-        print(table(Results(args.json)))
+        results = Results(args.json[0])
+        for other in args.json[1:]:
+            results.runs.update(Results(other).runs)
+        print(table(results))
         if args.figure:
-            figure(Results(args.json), args.figure)
+            figure(results, args.figure)
 
 
 if __name__ == "__main__":
