@@ -165,9 +165,9 @@ def figure(results: Results, path: str) -> None:
             grounded.setdefault((dataset, size, split), {}).setdefault((lr, epochs), {})[float(method.split("-", 1)[1])] = ratios
         else:
             references.setdefault((dataset, size, split), {})[method] = ratios
-    for colour, series in enumerate(dict.fromkeys([*grounded, *references])):
+    for index, series in enumerate(dict.fromkeys([*grounded, *references])):
         (dataset, size, split), methods = series, references.get(series, {})
-        label, colour = f"{dataset} {size} px, {split}", f"C{colour}"
+        label, colour = f"{dataset} {size} px, {split}", f"C{index}"
         # A study's grid has several settings at one γ: show the setting measured at the most γ (the chosen one).
         settings = grounded.get(series, {})
         gammas = sorted(max(settings.values(), key=len).items()) if settings else []

@@ -26,7 +26,7 @@ def fit_linear_probe(
 
     def closure() -> torch.Tensor:
         # Every evaluation frees (N, C)-sized temporaries between L-BFGS's small history tensors: without handing the
-        # freed pages back the heap grew by ~180 MB over one fit on 100 000 rows (the job's largest transient).
+        # freed pages back the heap grew by 140-180 MB over one fit on 100 000 rows (the job's largest transient).
         release_free_heap()
         optimizer.zero_grad()
         loss = F.cross_entropy(probe(pooled), labels) + weight_decay * probe.weight.pow(2).sum()
