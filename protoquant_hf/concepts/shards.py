@@ -14,7 +14,9 @@ is written under a hidden temporary name and renamed into place (`os.replace`), 
 name is complete: a killed build leaves every finished shard usable and the next build writes only the missing ones.
 Readers check the index checksum and every shard's `.npy` header and file size when opening (truncated or deleted
 shards are named, so they can be rebuilt alone), keep a bounded number of shards memory-mapped (a cache of a million
-rows must not hold a file descriptor per shard), and read rows in sorted order, one shard at a time.
+rows must not hold a file descriptor per shard), read rows in sorted order, one shard at a time, and hand the mapped
+pages back whenever the shards read since the last time hold more than a bound (RSS then does not grow with the
+cache's size).
 
 The same files can hold any per-row array, e.g. concept-score tables `(K,)`; `row_shape` says which.
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -37,6 +40,8 @@ from ..memory import release_free_heap
 STORE_FORMAT_VERSION = 3  # 3: sharded (2 was one features.npy + meta.json)
 DEFAULT_SHARD_SIZE = 4096
 INDEX_FILE = "index.json"
+# What a reader lets mapped cache pages add to its RSS before it drops them (see ShardedArray).
+DEFAULT_MAX_RESIDENT_BYTES = 256 * 2**20
 LABEL_DTYPE = np.dtype(np.int64)
 
 
@@ -255,8 +260,49 @@ def _default_max_open() -> int:
     return int(min(max(64, soft // 2), 16_384))
 
 
+# Absent on Windows and on Python builds without madvise; pages then stay until the kernel reclaims them.
+_DONTNEED = getattr(mmap, "MADV_DONTNEED", None) if hasattr(mmap.mmap, "madvise") else None
+
+
+class _MappedShard:
+    """One shard's values file mapped read-only, as an array `(rows, *row_shape)`, with a way to give its pages back.
+
+    A plain `np.load(mmap_mode="r")` leaves every page it ever touched resident and counted in the process's RSS until
+    the kernel needs the memory: a shuffled epoch touches the whole cache, so RSS grew by the cache's size (1.2 GB at
+    1 M images, issue 12), and kernels that map whole large folios make even a few rows per shard bring in most of it
+    (4 096 random rows of 50 000 made 49 MB resident here). `drop_pages` tells the kernel those pages are not needed
+    any more (`MADV_DONTNEED`; on a read-only file mapping that only unmaps, the page cache keeps the data), so a
+    reader's RSS stays at what it copied out.
+    """
+
+    def __init__(self, path: Path, rows: int, row_shape: tuple[int, ...], dtype: np.dtype):
+        with open(path, "rb") as file:
+            version = npy_format.read_magic(file)
+            read_header = npy_format.read_array_header_1_0 if version == (1, 0) else npy_format.read_array_header_2_0
+            read_header(file)
+            offset = file.tell()
+            # The mapping holds its own duplicate of the descriptor, so the file can be closed here.
+            self.map = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+        count = rows * int(np.prod(row_shape, dtype=np.int64))
+        self.array = np.frombuffer(self.map, dtype=dtype, count=count, offset=offset).reshape(rows, *row_shape)
+
+    def drop_pages(self) -> None:
+        if _DONTNEED is not None:
+            self.map.madvise(_DONTNEED)
+
+    def close(self) -> None:
+        self.array = None  # the array exports the map's buffer: it must go before the map can close
+        self.map.close()
+
+
 class ShardedArray:
     """Rows `(N, *row_shape)` held as consecutive shards (files memory-mapped on demand, or in-memory arrays).
+
+    Reads copy rows out of the mapped files. The mapped pages they leave resident are dropped again
+    (`_MappedShard.drop_pages`) once the shards read since the last drop hold more than `max_resident_bytes`, so RSS
+    grows by at most about that much whatever the store's size; a store smaller than that is never dropped (dropping
+    makes the next read fault its pages in again: 4-5x slower shuffled reads, measured in benchmarks/RESULTS.md,
+    "Reading the cache").
 
     Args:
         shards: per shard, the path of its values `.npy` or the array itself, in row order.
@@ -264,17 +310,22 @@ class ShardedArray:
         row_shape, dtype: of every row.
         max_open: memory maps kept open at once (least recently used ones are closed); default: half the process's
             file-descriptor limit (each map holds one), at least 64.
+        max_resident_bytes: bytes of shards read since the last drop above which their mapped pages are dropped.
     """
 
     def __init__(
         self, shards: Sequence[Path | np.ndarray], row_counts: Sequence[int], row_shape: tuple[int, ...], dtype,
-        max_open: int | None = None,
+        max_open: int | None = None, max_resident_bytes: int = DEFAULT_MAX_RESIDENT_BYTES,
     ):
         self.shards, self.row_shape, self.dtype = list(shards), tuple(row_shape), np.dtype(dtype)
         self.max_open = max_open if max_open is not None else _default_max_open()
         self.row_counts = np.asarray(row_counts, dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(self.row_counts)])  # shard i holds rows offsets[i] : offsets[i + 1]
-        self._open: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._open: OrderedDict[int, _MappedShard] = OrderedDict()
+        self.max_resident_bytes = max_resident_bytes
+        self._row_bytes = int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
+        self._read_since_drop: set[int] = set()  # open shards whose pages may be resident
+        self._bytes_since_drop = 0  # their size in bytes (an upper bound on what they keep resident)
 
     @classmethod
     def from_folder(cls, folder: str | Path, index: dict) -> "ShardedArray":
@@ -292,19 +343,34 @@ class ShardedArray:
     def shape(self) -> tuple[int, ...]:
         return (len(self), *self.row_shape)
 
-    def shard(self, i: int) -> np.ndarray:
-        """Shard `i`'s rows `(rows_i, *row_shape)`, memory-mapped read-only."""
-        source = self.shards[i]
-        if isinstance(source, np.ndarray):
-            return source
+    def _mapped(self, i: int) -> _MappedShard:
         if i in self._open:
             self._open.move_to_end(i)
             return self._open[i]
-        array = np.load(source, mmap_mode="r", allow_pickle=False)
-        self._open[i] = array
+        mapped = _MappedShard(self.shards[i], int(self.row_counts[i]), self.row_shape, self.dtype)
+        self._open[i] = mapped
         if len(self._open) > self.max_open:
-            self._open.popitem(last=False)
-        return array
+            self._open.popitem(last=False)[1].close()
+        return mapped
+
+    def _read_shard_rows(self, i: int, local: np.ndarray, out: np.ndarray) -> None:
+        """Copy rows `local` (sorted, inside the shard) of shard `i` into `out`."""
+        # take(out=) gathers straight into the result (one copy). "clip" is safe (callers bounds-check, so local rows
+        # lie inside their shard) and 10x faster than "raise", which buffers the whole gather when `out` is given.
+        source = self.shards[i]
+        if isinstance(source, np.ndarray):
+            np.take(source, local, axis=0, out=out, mode="clip")
+            return
+        np.take(self._mapped(i).array, local, axis=0, out=out, mode="clip")
+        if i not in self._read_since_drop:
+            self._read_since_drop.add(i)
+            self._bytes_since_drop += int(self.row_counts[i]) * self._row_bytes
+        if self._bytes_since_drop > self.max_resident_bytes:
+            for j in self._read_since_drop:
+                if j in self._open:  # closed (evicted) maps hold no pages
+                    self._open[j].drop_pages()
+            self._read_since_drop.clear()
+            self._bytes_since_drop = 0
 
     def read_sorted(self, rows: np.ndarray) -> np.ndarray:
         """Rows `(B, *row_shape)` in the storage dtype; `rows` must be non-decreasing (reads are then sequential
@@ -319,19 +385,19 @@ class ShardedArray:
         shard_ids, starts = np.unique(shard_of, return_index=True)
         ends = np.append(starts[1:], len(rows))
         for shard_id, start, end in zip(shard_ids, starts, ends):
-            # take(out=) gathers straight into the result (one copy, as reading one memory-mapped file did). "clip" is
-            # safe (rows were bounds-checked above, so local rows lie inside their shard) and 10x faster than "raise",
-            # which buffers the whole gather when `out` is given.
-            local = rows[start:end] - self.offsets[shard_id]
-            np.take(self.shard(int(shard_id)), local, axis=0, out=out[start:end], mode="clip")
+            self._read_shard_rows(int(shard_id), rows[start:end] - self.offsets[shard_id], out[start:end])
         return out
 
     def to_numpy(self) -> np.ndarray:
         """Every row `(N, *row_shape)` in one in-memory array (for tests and small stores)."""
-        out = np.empty(self.shape, dtype=self.dtype)
-        for i in range(len(self.shards)):
-            out[self.offsets[i] : self.offsets[i + 1]] = self.shard(i)
-        return out
+        return self.read_sorted(np.arange(len(self)))
+
+    def close(self) -> None:
+        """Unmap every open shard (reading again maps them anew)."""
+        while self._open:
+            self._open.popitem()[1].close()
+        self._read_since_drop.clear()
+        self._bytes_since_drop = 0
 
 
 def shard_order(row_counts: Sequence[int], epoch: int, seed: int, window: int = 1) -> np.ndarray:
@@ -355,6 +421,7 @@ def shard_order(row_counts: Sequence[int], epoch: int, seed: int, window: int = 
 
 
 __all__ = [
+    "DEFAULT_MAX_RESIDENT_BYTES",
     "DEFAULT_SHARD_SIZE",
     "INDEX_FILE",
     "STORE_FORMAT_VERSION",
