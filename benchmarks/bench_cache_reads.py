@@ -24,9 +24,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from numpy.lib import format as npy_format
 
-from protoquant_hf.concepts.shards import DEFAULT_MAX_RESIDENT_BYTES, ShardedArray, shard_files, write_shard
+from protoquant_hf.concepts.shards import (
+    DEFAULT_MAX_RESIDENT_BYTES, ShardedArray, read_npy_header, shard_files, write_shard,
+)
 
 
 def resident_file_mb() -> float:
@@ -76,9 +77,7 @@ class PreadReader:
         self.files, self.data_offsets = [], []
         for path, _ in shards:
             with open(path, "rb") as file:
-                version = npy_format.read_magic(file)
-                (npy_format.read_array_header_1_0 if version == (1, 0) else npy_format.read_array_header_2_0)(file)
-                self.data_offsets.append(file.tell())
+                self.data_offsets.append(read_npy_header(file)[3])
             self.files.append(os.open(path, os.O_RDONLY))
         self.offsets = np.concatenate([[0], np.cumsum([count for _, count in shards])])
         self.row_shape = row_shape

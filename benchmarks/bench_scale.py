@@ -43,7 +43,7 @@ peaks = {"anon": 0, "file": 0}
 
 def sample_memory():
     # RssAnon: the process's own memory; RssFile: file-backed pages (shared libraries, ~170 MB of torch, and the pages
-    # of memory-mapped cache shards: page cache the kernel reclaims under pressure, bounded by the shards kept mapped).
+    # of memory-mapped cache shards, which the store drops past its resident bound, 256 MB by default).
     # Peak RSS (wait4) is at most their sum.
     while True:
         status = open("/proc/self/status").read()

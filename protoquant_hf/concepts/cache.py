@@ -204,7 +204,7 @@ def cache_key(
 
 @dataclass
 class FeatureCache:
-    """Read access to one cached split: sharded feature maps (read from memory-mapped shards on demand) and their labels."""
+    """Read access to one cached split: sharded feature maps (memory-mapped on demand) and their labels."""
 
     path: Path
     store: ShardedArray  # (N, D, H, W) in the storage dtype

@@ -92,14 +92,19 @@ class ShardHeader:
     dtype: np.dtype
 
 
+def read_npy_header(file) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """(shape, fortran_order, dtype, byte offset of the data) of the `.npy` file open at its start."""
+    version = npy_format.read_magic(file)
+    read_header = npy_format.read_array_header_1_0 if version == (1, 0) else npy_format.read_array_header_2_0
+    shape, fortran_order, dtype = read_header(file)
+    return shape, fortran_order, dtype, file.tell()
+
+
 def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
     """Shape and dtype of a C-ordered `.npy` file whose size matches its header (else `StoreError`)."""
     try:
         with open(path, "rb") as file:
-            version = npy_format.read_magic(file)
-            read_header = npy_format.read_array_header_1_0 if version == (1, 0) else npy_format.read_array_header_2_0
-            shape, fortran_order, dtype = read_header(file)
-            data_offset = file.tell()
+            shape, fortran_order, dtype, data_offset = read_npy_header(file)
     except FileNotFoundError:
         raise StoreError(path, "missing") from None
     except (OSError, ValueError) as error:
@@ -277,10 +282,7 @@ class _MappedShard:
 
     def __init__(self, path: Path, rows: int, row_shape: tuple[int, ...], dtype: np.dtype):
         with open(path, "rb") as file:
-            version = npy_format.read_magic(file)
-            read_header = npy_format.read_array_header_1_0 if version == (1, 0) else npy_format.read_array_header_2_0
-            read_header(file)
-            offset = file.tell()
+            offset = read_npy_header(file)[3]
             # The mapping holds its own duplicate of the descriptor, so the file can be closed here.
             self.map = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
         count = rows * int(np.prod(row_shape, dtype=np.int64))
@@ -301,7 +303,7 @@ class ShardedArray:
     Reads copy rows out of the mapped files. The mapped pages they leave resident are dropped again
     (`_MappedShard.drop_pages`) once the shards read since the last drop hold more than `max_resident_bytes`, so RSS
     grows by at most about that much whatever the store's size; a store smaller than that is never dropped (dropping
-    makes the next read fault its pages in again: 4-5x slower shuffled reads, measured in benchmarks/RESULTS.md,
+    makes the next read fault its pages in again: 1.4-4.4x slower shuffled reads, measured in benchmarks/RESULTS.md,
     "Reading the cache").
 
     Args:
@@ -431,6 +433,7 @@ __all__ = [
     "StoreError",
     "damaged_shards",
     "index_checksum",
+    "read_npy_header",
     "inspect_shard",
     "read_index",
     "shard_files",
