@@ -156,7 +156,7 @@ def figure(results: Results, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = plt.subplots(figsize=(9.6, 4.6))
     grounded: dict[tuple, dict] = {}  # (dataset, px, split) → (concept lr, epochs) → γ → ratios
     references: dict[tuple, dict] = {}  # (dataset, px, split) → frozen / free → ratios
     for (dataset, size, split, method, lr, epochs), records in results.groups().items():
@@ -174,8 +174,9 @@ def figure(results: Results, path: str) -> None:
         if gammas:
             means = [statistics.mean(r) for _, r in gammas]
             spread = [[m - min(r) for m, (_, r) in zip(means, gammas)], [max(r) - m for m, (_, r) in zip(means, gammas)]]
+            seeds = sorted({len(r) for _, r in gammas})
             ax.errorbar([g for g, _ in gammas], means, yerr=spread, fmt="o-", color=colour, capsize=3,
-                        label=f"grounded, {label} ({'–'.join(sorted({str(len(r)) for _, r in gammas}))} seeds)")
+                        label=f"grounded, {label} ({'–'.join(map(str, seeds))} seed{'s' if seeds[-1] > 1 else ''})")
         for method, style in (("frozen", "--"), ("free", ":")):
             if method in methods:
                 ax.axhline(statistics.mean(methods[method]), linestyle=style, color=colour, linewidth=1,
@@ -184,7 +185,7 @@ def figure(results: Results, path: str) -> None:
     ax.set_xlabel("grounding radius γ (every concept within cosine γ of a training feature vector)")
     ax.set_ylabel("accuracy / dense linear probe")
     ax.invert_xaxis()
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: points stay visible
     ax.set_title("ProtoQuant, ≤ 10 concepts per class: accuracy vs grounding (mean, range over seeds)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
