@@ -75,9 +75,12 @@ class Results:
         self.path = Path(path)
         self.runs = json.loads(self.path.read_text())["runs"] if self.path.exists() else {}
 
-    def run(self, dataset, image_size, split, method, seed, concept_lr, epochs, threads, max_samples=None) -> TrainingSummary:
+    def run(self, dataset, image_size, split, method, seed, concept_lr, epochs, threads, max_samples=None,
+            mixed_precision="no") -> TrainingSummary:
         label = dataset if max_samples is None else f"{dataset}[:{max_samples}]"  # a subset is a dataset of its own
         key = run_id(label, image_size, split, method, seed, concept_lr, epochs)
+        if mixed_precision != "no":  # full precision keeps the ids it was first recorded with
+            key += f"/{mixed_precision}"
         if key not in self.runs:
             overrides = method_arguments(method, concept_lr, epochs)
             print(f"== {key}: {overrides}", flush=True)
@@ -89,12 +92,13 @@ class Results:
                     ModelArguments(),
                     ProtoQuantTrainingArguments(
                         output_dir=str(Path(tmp) / "run"), seed=seed, explain_test_images=0, gallery_per_concept=0,
-                        hub_bundle=False, disable_tqdm=True, **overrides,
+                        hub_bundle=False, disable_tqdm=True, mixed_precision=mixed_precision, **overrides,
                     ),
                 )
             self.runs[key] = {
                 "dataset": label, "max_samples": max_samples, "image_size": image_size, "split": split, "method": method, "seed": seed,
-                "concept_lr": concept_lr, "epochs": epochs, "threads": threads, "summary": summary.to_dict(),
+                "concept_lr": concept_lr, "epochs": epochs, "threads": threads, "mixed_precision": mixed_precision,
+                "summary": summary.to_dict(),
             }
             self.path.write_text(json.dumps({"runs": self.runs}, indent=1))
             print(f"   accuracy {summary.accuracy:.4f} ({summary.accuracy_vs_linear_probe:.3f} x probe), "
@@ -106,7 +110,7 @@ class Results:
         grouped: dict[tuple, list[dict]] = {}
         for record in self.runs.values():
             key = (record["dataset"], record["image_size"], record["split"], record["method"], record["concept_lr"] if record["method"].startswith("grounded-") else None,
-                   record["epochs"] if record["method"].startswith("grounded-") else None)
+                   record["epochs"] if record["method"].startswith("grounded-") else None, record.get("mixed_precision", "no"))
             grouped.setdefault(key, []).append(record)
         return grouped
 
@@ -130,16 +134,17 @@ HEADER = (
 
 def table(results: Results) -> str:
     lines, probes_done = [HEADER], set()
-    for (dataset, size, split, method, lr, epochs), records in results.groups().items():
+    for (dataset, size, split, method, lr, epochs, precision), records in results.groups().items():
         summaries = [TrainingSummary.from_dict(r["summary"]) for r in records]
-        if (dataset, size, split) not in probes_done:
-            probes_done.add((dataset, size, split))
+        precision_note = "" if precision == "no" else f", {precision} autocast"  # its own features, so its own probe
+        if (dataset, size, split, precision) not in probes_done:
+            probes_done.add((dataset, size, split, precision))
             probe = [s.linear_probe_accuracy for s in summaries]
-            lines.append(f"| {dataset} | {size} | {split} | linear probe (dense, pooled features) | {len(probe)} | {_mean_range(probe)} | 1.000 | dense | - | - | - |")
+            lines.append(f"| {dataset} | {size} | {split} | linear probe (dense, pooled features){precision_note} | {len(probe)} | {_mean_range(probe)} | 1.000 | dense | - | - | - |")
         per_class = [s.concepts_per_class for s in summaries]
         setting = f"{lr:g} / {epochs if epochs is not None else 'default'}" if lr is not None else "default"
         lines.append(
-            f"| {dataset} | {size} | {split} | {method} | {len(summaries)} | {_mean_range([s.accuracy for s in summaries])} "
+            f"| {dataset} | {size} | {split} | {method}{precision_note} | {len(summaries)} | {_mean_range([s.accuracy for s in summaries])} "
             f"| {_mean_range([s.accuracy_vs_linear_probe for s in summaries], 3)} "
             f"| {statistics.mean(p.nonzero_mean for p in per_class):.1f} / {max(p.nonzero_max for p in per_class)} "
             f"| {statistics.mean(s.grounding.mean for s in summaries):.3f} / {min(s.grounding.min for s in summaries):.3f} "
@@ -159,7 +164,9 @@ def figure(results: Results, path: str) -> None:
     fig, ax = plt.subplots(figsize=(9.6, 4.6))
     grounded: dict[tuple, dict] = {}  # (dataset, px, split) → (concept lr, epochs) → γ → ratios
     references: dict[tuple, dict] = {}  # (dataset, px, split) → frozen / free → ratios
-    for (dataset, size, split, method, lr, epochs), records in results.groups().items():
+    for (dataset, size, split, method, lr, epochs, precision), records in results.groups().items():
+        if precision != "no":  # the figure compares methods at full precision
+            continue
         ratios = [TrainingSummary.from_dict(r["summary"]).accuracy_vs_linear_probe for r in records]
         if method.startswith("grounded-"):
             grounded.setdefault((dataset, size, split), {}).setdefault((lr, epochs), {})[float(method.split("-", 1)[1])] = ratios
@@ -222,7 +229,8 @@ def benchmark(args) -> None:
     results = Results(args.json)
     for method in args.methods:
         for seed in range(args.seeds):
-            results.run(args.dataset, args.image_size, args.split, method, seed, args.concept_lr, args.epochs, args.threads, args.max_samples)
+            results.run(args.dataset, args.image_size, args.split, method, seed, args.concept_lr, args.epochs, args.threads,
+                        args.max_samples, args.mixed_precision)
         print(table(results), flush=True)
     if args.figure:
         figure(results, args.figure)
@@ -246,6 +254,8 @@ def main() -> None:
     study_command.add_argument("--epoch-grid", type=int, nargs="+", default=[30, 100])
     benchmark_command.add_argument("--concept-lr", type=float, required=True)
     benchmark_command.add_argument("--epochs", type=int, required=True, help="stage-2 and top-k retraining epochs of grounded runs")
+    benchmark_command.add_argument("--mixed-precision", choices=["no", "bf16"], default="no",
+                                   help="the job's --mixed_precision (bf16: autocast, on CPU when no GPU is there)")
     benchmark_command.add_argument("--figure", default=None, help="write the accuracy-vs-γ figure here (PNG)")
     benchmark_command.add_argument("--split", choices=["test", "validation"], default="test",
                                    help="validation: the same runs on the held-out 10 %% of train (for choosing defaults)")
