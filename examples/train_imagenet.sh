@@ -24,8 +24,9 @@
 #
 # Wall time: extraction takes N_images / (images/s of the backbone pass, all GPUs), one stage-1 epoch
 # N_images / (stage-1 images/s), one stage-2 epoch N_images / (stage-2 images/s on the score table); the per-GPU
-# throughputs come from `python benchmarks/bench_gpu_throughput.py` (see benchmarks/RESULTS.md, "GPU throughput",
-# for what has been measured so far), times the number of GPUs (data parallel, no cross-GPU traffic in extraction).
+# throughputs come from `python benchmarks/bench_gpu_throughput.py` on one of your GPUs (a few minutes), times the
+# number of GPUs (data parallel, no cross-GPU traffic in extraction). No GPU has been available to this project's
+# machines, so benchmarks/RESULTS.md has no GPU figures to fill in here yet (its opening paragraph says so).
 set -euo pipefail
 NUM_GPUS=${NUM_GPUS:-8}
 CACHE=${CACHE:-$HOME/.cache/protoquant}
