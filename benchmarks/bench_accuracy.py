@@ -63,9 +63,12 @@ def method_arguments(method: str, concept_lr: float, epochs: int | None) -> dict
     raise ValueError(f"unknown method {method!r}")
 
 
-def run_id(dataset: str, image_size: int, split: str, method: str, seed: int, concept_lr: float, epochs: int | None) -> str:
+def run_id(dataset: str, image_size: int, split: str, method: str, seed: int, concept_lr: float, epochs: int | None,
+           mixed_precision: str = "no") -> str:
     setting = f"lr{concept_lr:g}-ep{epochs}" if method.startswith("grounded-") else "default"
-    return f"{dataset}/{image_size}px/{split}/{method}/{setting}/seed{seed}"
+    key = f"{dataset}/{image_size}px/{split}/{method}/{setting}/seed{seed}"
+    # Full precision keeps the ids it was first recorded with.
+    return key if mixed_precision == "no" else f"{key}/{mixed_precision}"
 
 
 class Results:
@@ -78,9 +81,7 @@ class Results:
     def run(self, dataset, image_size, split, method, seed, concept_lr, epochs, threads, max_samples=None,
             mixed_precision="no") -> TrainingSummary:
         label = dataset if max_samples is None else f"{dataset}[:{max_samples}]"  # a subset is a dataset of its own
-        key = run_id(label, image_size, split, method, seed, concept_lr, epochs)
-        if mixed_precision != "no":  # full precision keeps the ids it was first recorded with
-            key += f"/{mixed_precision}"
+        key = run_id(label, image_size, split, method, seed, concept_lr, epochs, mixed_precision)
         if key not in self.runs:
             overrides = method_arguments(method, concept_lr, epochs)
             print(f"== {key}: {overrides}", flush=True)

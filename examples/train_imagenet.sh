@@ -24,8 +24,8 @@
 #
 # Wall time: extraction takes N_images / (images/s of the backbone pass, all GPUs), one stage-1 epoch
 # N_images / (stage-1 images/s), one stage-2 epoch N_images / (stage-2 images/s on the score table); the per-GPU
-# throughputs come from `python benchmarks/bench_gpu_throughput.py` on one of your GPUs (a few minutes), times the
-# number of GPUs (data parallel, no cross-GPU traffic in extraction). No GPU has been available to this project's
+# throughputs come from `python benchmarks/bench_gpu_throughput.py` run on one of your GPUs, times the number of
+# GPUs (data parallel, no cross-GPU traffic in extraction). No GPU has been available to this project's
 # machines, so benchmarks/RESULTS.md has no GPU figures to fill in here yet (its opening paragraph says so).
 set -euo pipefail
 NUM_GPUS=${NUM_GPUS:-8}
