@@ -173,10 +173,9 @@ def figure(results: Results, path: str) -> None:
             grounded.setdefault((dataset, size, split), {}).setdefault((lr, epochs), {})[float(method.split("-", 1)[1])] = ratios
         else:
             references.setdefault((dataset, size, split), {})[method] = ratios
-    all_series = list(dict.fromkeys([*grounded, *references]))
-    # Series measured at the same γ would hide each other's points: dodge them sideways by a fixed step, centred on γ.
-    dodge = {series: (rank - (len(grounded) - 1) / 2) * 0.0025 for rank, series in enumerate(s for s in all_series if s in grounded)}
-    for index, series in enumerate(all_series):
+    # Series measured at the same γ would hide each other's points: offset them sideways by a fixed step, centred on γ.
+    offset = {series: (rank - (len(grounded) - 1) / 2) * 0.0025 for rank, series in enumerate(grounded)}
+    for index, series in enumerate(dict.fromkeys([*grounded, *references])):
         (dataset, size, split), methods = series, references.get(series, {})
         label, colour = f"{dataset} {size} px, {split}", f"C{index}"
         # A study's grid has several settings at one γ: show the setting measured at the most γ (the chosen one).
@@ -186,7 +185,7 @@ def figure(results: Results, path: str) -> None:
             means = [statistics.mean(r) for _, r in gammas]
             spread = [[m - min(r) for m, (_, r) in zip(means, gammas)], [max(r) - m for m, (_, r) in zip(means, gammas)]]
             seeds = sorted({len(r) for _, r in gammas})
-            ax.errorbar([g + dodge[series] for g, _ in gammas], means, yerr=spread, fmt="o-", color=colour, capsize=3,
+            ax.errorbar([g + offset[series] for g, _ in gammas], means, yerr=spread, fmt="o-", color=colour, capsize=3,
                         label=f"grounded, {label} ({'–'.join(map(str, seeds))} seed{'s' if seeds[-1] > 1 else ''})")
         for method, style in (("frozen", "--"), ("free", ":")):
             if method in methods:
@@ -197,7 +196,8 @@ def figure(results: Results, path: str) -> None:
     ax.set_ylabel("accuracy / dense linear probe")
     ax.invert_xaxis()
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: points stay visible
-    ax.set_title("ProtoQuant, ≤ 10 concepts per class: accuracy vs grounding\n(mean, range over seeds; series offset sideways so that none hides another)", fontsize=9)
+    ax.set_title("ProtoQuant, ≤ 10 concepts per class: accuracy vs grounding\n"
+                 "(mean, range over seeds; series offset sideways so that none hides another)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
